@@ -1,0 +1,3 @@
+"""
+The configuration: nginx syntax, directive table and typed model.
+"""

@@ -1,0 +1,671 @@
+"""
+The upstream pool: the peers of an C{upstream} group, their health, and connecting
+to one of them with nginx's C{proxy_next_upstream} semantics.
+
+Host names in C{server} lines: nginx resolves them when it loads the configuration
+and every address becomes a peer.  Here, peers for literal addresses and UNIX paths
+exist from the start; L{UpstreamPool.resolveAll} (called by the service before it
+listens) resolves every name through the reactor's C{nameResolver}, IPv4 and IPv6,
+in the resolver's order, and replaces the name by one peer per address; a name
+without addresses fails start-up as nginx does (C{host not found in upstream}).  A
+name still unresolved when a connection is needed is connected through a
+L{HostnameEndpoint}.  Names are not re-resolved later (nginx needs C{resolver} and
+the C{resolve} parameter for that, which we do not support).
+
+Passive health follows nginx: a failed connection counts one failure of its peer;
+C{maxFails} failures keep the peer out until C{failTimeout} has passed since the
+last one; then one connection probes it, and if that connection ends well
+(L{UpstreamConnection.release} without C{failed}) the failures are forgotten.  A
+group of one peer (C{proxy_pass host:port} with one address) counts no failures
+and is never retried, as in nginx.
+
+Upstream TLS: when C{tlsFor} gives a creator for a peer, the connection runs through a
+C{TLSMemoryBIOFactory(creator, True, ...)}, and, as in nginx, the attempt succeeds
+only when the handshake completes: the caller's protocol is connected then (it never
+sees a connection whose handshake failed), C{proxy_connect_timeout} covers TCP
+connect and handshake together, and a failed handshake (a refused certificate, an
+upstream that closes) counts as a failure of that peer and moves on to the next one
+as C{proxy_next_upstream} allows.  A failed handshake also forgets the peer's TLS
+session (L{PeerState.session}), so a session the upstream chokes on is not offered
+again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from attrs import define, field
+from OpenSSL import SSL
+from twisted.internet import error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    gatherResults,
+    succeed,
+)
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    UNIXClientEndpoint,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IHostResolution,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IReactorTime,
+    IResolutionReceiver,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tlsrelay._balance import (
+    IPolicy,
+    PeerGroup,
+    PeerState,
+    RandomSource,
+    Selection,
+    policyFor,
+)
+from tlsrelay._config._model import (
+    Address,
+    Proxy,
+    UpstreamGroup,
+    UpstreamServer,
+)
+from tlsrelay._openssl import sessionReused
+
+log = Logger()
+
+TLSFor = Callable[[PeerState], IOpenSSLClientConnectionCreator | None]
+
+
+class NoUpstreamAvailable(Exception):
+    """
+    No connection to any peer of an upstream group could be made.
+
+    @ivar upstream: the group's name.
+    @ivar addresses: what was tried, for C{$upstream_addr}; the group's name comes
+        last when no usable peer was left ("no live upstreams"), as nginx prints it.
+    @ivar reasons: why each tried peer failed, parallel to the peers in
+        C{addresses}.
+    @ivar peer: C{$upstream_addr}: C{addresses} joined with C{", "}.
+    """
+
+    def __init__(
+        self, upstream: str, addresses: Sequence[str], reasons: Sequence[str]
+    ) -> None:
+        self.upstream = upstream
+        self.addresses = list(addresses)
+        self.reasons = list(reasons)
+        self.peer = ", ".join(self.addresses)
+        tried = ", ".join(
+            f"{address} ({reason})"
+            for address, reason in zip(self.addresses, self.reasons)
+        )
+        if len(self.addresses) > len(self.reasons):
+            message = f'no live upstreams in "{upstream}"'
+            if tried:
+                message += f"; tried {tried}"
+        else:
+            message = f'upstream "{upstream}" failed: tried {tried}'
+        super().__init__(message)
+
+
+class UpstreamHandshakeFailed(Exception):
+    """
+    TCP connected to an upstream, but the TLS handshake did not complete.
+
+    @ivar reason: what the TLS layer reported (an L{SSL.Error}, or the connection
+        lost).
+    """
+
+    def __init__(self, reason: Failure) -> None:
+        super().__init__(_handshakeReason(reason))
+        self.reason = reason
+
+
+def _handshakeReason(reason: Failure) -> str:
+    """
+    One line on why a handshake failed, for logs and C{NoUpstreamAvailable}.
+    """
+    value = reason.value
+    if isinstance(value, SSL.Error):
+        args = value.args
+        if args and isinstance(args[0], str):
+            return args[0]  # already worded, e.g. a refused certificate
+        if args and isinstance(args[0], list):
+            parts = [
+                str(part[2])
+                for part in args[0]
+                if isinstance(part, tuple) and len(part) == 3
+            ]
+            if parts:
+                return f"SSL handshake failed: {', '.join(parts)}"
+        return f"SSL handshake failed: {value}"
+    return f"peer closed connection in SSL handshake ({reason.getErrorMessage()})"
+
+
+class HostNotFound(Exception):
+    """
+    A host name of a C{server} line has no address.
+    """
+
+
+def groupForAddress(address: Address) -> UpstreamGroup:
+    """
+    The group of one server that C{proxy_pass host:port} stands for (nginx's
+    implicit upstream: weight 1, C{max_fails=1}, C{fail_timeout=10s}).
+    """
+    return UpstreamGroup(name=str(address), servers=(UpstreamServer(address),))
+
+
+def _literal(address: Address) -> bool:
+    return address.kind == "unix" or bool(
+        isIPAddress(address.host) or isIPv6Address(address.host)
+    )
+
+
+@define(eq=False)
+class UpstreamConnection:
+    """
+    A connected upstream, as L{UpstreamPool.connect} gives it.
+
+    @ivar protocol: the protocol built by the caller's factory, connected.
+    @ivar peer: the peer connected to, as C{$upstream_addr} prints it (see
+        L{upstreamAddr} for every peer tried).
+    @ivar connectTime: seconds the successful connection took.
+    @ivar addresses: every peer tried, in order (C{$upstream_addr} joins them with
+        C{", "}).
+    @ivar connectTimes: seconds per try, L{None} for the failed ones
+        (C{$upstream_connect_time} prints C{-} for them).
+    @ivar state: the peer's shared state.
+    @ivar sessionReused: with upstream TLS, whether the handshake resumed a
+        session (C{$upstream_ssl_session_reused}: C{r} or C{.}); L{None} without.
+    """
+
+    protocol: IProtocol
+    peer: str
+    connectTime: float
+    addresses: list[str]
+    connectTimes: list[float | None]
+    state: PeerState
+    _onRelease: Callable[[bool], None] = field(alias="onRelease", repr=False)
+    sessionReused: bool | None = None
+    _released: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def upstreamAddr(self) -> str:
+        """
+        C{$upstream_addr}: every peer tried, joined with C{", "}.
+        """
+        return ", ".join(self.addresses)
+
+    def release(self, failed: bool = False) -> None:
+        """
+        The relay is done with this connection: count it out of the peer's
+        connections (C{least_conn}, C{max_conns}) and count a success, or a failure
+        if C{failed} (passive health).  Only the first call counts.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._onRelease(failed)
+
+
+@implementer(IResolutionReceiver)
+class _Addresses:
+    """
+    Collects the addresses of one host name.
+    """
+
+    def __init__(self) -> None:
+        self.addresses: list[IAddress] = []
+        self.done: Deferred[list[IAddress]] = Deferred()
+
+    def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:
+        pass
+
+    def addressResolved(self, address: IAddress) -> None:
+        self.addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        self.done.callback(self.addresses)
+
+
+class UpstreamPool:
+    """
+    The peers of one C{upstream} group, their state, and connections to them.
+
+    @ivar group: the configuration.
+    @ivar peers: the peers, with their state.
+    @ivar policy: the balancing method.
+    """
+
+    def __init__(
+        self,
+        group: UpstreamGroup,
+        reactor: IReactorTime,
+        random: RandomSource,
+        tlsFor: TLSFor | None = None,
+    ) -> None:
+        """
+        @param reactor: provides L{IReactorTime}, C{IReactorTCP}, C{IReactorUNIX}
+            and L{IReactorPluggableNameResolver}.
+        @param random: the random source of the C{random} method.
+        @param tlsFor: the upstream TLS client creator for a peer, or L{None} for
+            plain TCP; connections are then wrapped in a
+            L{twisted.protocols.tls.TLSMemoryBIOFactory}.
+        """
+        self.config = group
+        self._reactor = reactor
+        self._tlsFor = tlsFor
+        self.peers = PeerGroup.fromServers(
+            group.name, ((server, [server.address]) for server in group.servers)
+        )
+        self.policy: IPolicy = policyFor(group.balancer, self.peers, random)
+
+    def resolveAll(self) -> Deferred[None]:
+        """
+        Resolve every host name of the group's C{server} lines into peers, one per
+        address (IPv4 and IPv6); fails with L{HostNotFound} if a name has none.
+        """
+        names = [
+            server for server in self.config.servers if not _literal(server.address)
+        ]
+        if not names:
+            return succeed(None)
+        resolver = IReactorPluggableNameResolver(self._reactor).nameResolver
+        waiting: list[Deferred[list[IAddress]]] = []
+        for server in names:
+            receiver = _Addresses()
+            resolver.resolveHostName(
+                receiver,
+                server.address.host,
+                server.address.port,
+                addressTypes=[IPv4Address, IPv6Address],
+                transportSemantics="TCP",
+            )
+            waiting.append(receiver.done)
+
+        def resolved(results: list[list[IAddress]]) -> None:
+            found = dict(zip((id(server) for server in names), results))
+            servers: list[tuple[UpstreamServer, list[Address]]] = []
+            for server in self.config.servers:
+                if id(server) not in found:
+                    servers.append((server, [server.address]))
+                    continue
+                addresses: list[Address] = []
+                for address in found[id(server)]:
+                    if isinstance(address, (IPv4Address, IPv6Address)):
+                        one = Address("tcp", address.host, server.address.port)
+                        if one not in addresses:
+                            addresses.append(one)
+                if not addresses:
+                    where = f" in {server.where}" if server.where else ""
+                    raise HostNotFound(
+                        f'host not found in upstream "{server.address}"{where}'
+                    )
+                servers.append((server, addresses))
+            self.peers = PeerGroup.fromServers(self.config.name, servers, self.peers)
+            self.policy.update(self.peers)
+            log.info(
+                "upstream {upstream} resolved: {peers}",
+                upstream=self.config.name,
+                peers=", ".join(peer.name for peer in self.peers.peers()),
+            )
+
+        return gatherResults(waiting, consumeErrors=True).addCallback(resolved)
+
+    def markHealthy(self, peer: PeerState, healthy: bool) -> None:
+        """
+        An active health check says whether C{peer} is healthy; an unhealthy peer
+        is not picked until it is marked healthy again.
+        """
+        if peer.healthy == healthy:
+            return
+        peer.healthy = healthy
+        if healthy:
+            log.info(
+                "upstream server {peer} of {upstream} is healthy again",
+                peer=peer.name,
+                upstream=self.config.name,
+            )
+        else:
+            log.warn(
+                "upstream server {peer} of {upstream} is unhealthy",
+                peer=peer.name,
+                upstream=self.config.name,
+            )
+
+    def connect(
+        self, factory: IProtocolFactory, hashKey: bytes, proxy: Proxy
+    ) -> Deferred[UpstreamConnection]:
+        """
+        Connect C{factory}'s protocol to a peer picked by the balancing method
+        (C{hashKey} is the evaluated C{hash} key), trying the next peers on failure
+        as C{proxy_next_upstream*} allow, each within C{proxy_connect_timeout}.
+
+        Fails with L{NoUpstreamAvailable}; cancelling stops the attempt.
+        """
+        return _Connecting(self, factory, hashKey, proxy).result
+
+    def _creator(self, peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
+        return None if self._tlsFor is None else self._tlsFor(peer)
+
+    def _endpoint(self, peer: PeerState, timeout: float) -> IStreamClientEndpoint:
+        address = peer.address
+        endpoint: IStreamClientEndpoint
+        if address.kind == "unix":
+            endpoint = UNIXClientEndpoint(  # type: ignore[no-untyped-call]
+                self._reactor, address.path, timeout=timeout
+            )
+        elif _literal(address):
+            # connectTCP takes IPv6 literals as well as IPv4 ones.
+            endpoint = TCP4ClientEndpoint(
+                self._reactor, address.host, address.port, timeout=timeout
+            )
+        else:
+            endpoint = HostnameEndpoint(
+                self._reactor, address.host, address.port, timeout=timeout
+            )
+        return endpoint
+
+    def _failed(self, peer: PeerState, reason: str) -> None:
+        log.warn(
+            "connect() to {peer} failed ({reason}) while connecting to upstream"
+            " {upstream}",
+            peer=peer.name,
+            reason=reason,
+            upstream=self.config.name,
+        )
+        self._countFailure(peer)
+
+    def _countFailure(self, peer: PeerState) -> None:
+        if self.peers.failed(peer, self._reactor.seconds()):
+            log.warn(
+                "upstream server {peer} of {upstream} temporarily disabled for"
+                " {failTimeout}s after {fails} failures",
+                peer=peer.name,
+                upstream=self.config.name,
+                failTimeout=peer.failTimeout,
+                fails=peer.fails,
+            )
+
+    def _release(self, peer: PeerState, failed: bool) -> None:
+        peer.conns -= 1
+        if failed:
+            self._countFailure(peer)
+        elif self.peers.succeeded(peer):
+            log.info(
+                "upstream server {peer} of {upstream} is available again",
+                peer=peer.name,
+                upstream=self.config.name,
+            )
+
+
+class _Connecting:
+    """
+    One connection attempt across peers (nginx's C{ngx_stream_proxy_connect} and
+    C{ngx_stream_proxy_next_upstream}).
+    """
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        factory: IProtocolFactory,
+        hashKey: bytes,
+        proxy: Proxy,
+    ) -> None:
+        self.pool = pool
+        self.factory = factory
+        self.proxy = proxy
+        self.reactor = pool._reactor
+        self.result: Deferred[UpstreamConnection] = Deferred(self._cancel)
+        self.selection: Selection = pool.policy.begin(hashKey)
+        self.tries = pool.peers.tries
+        if proxy.nextUpstreamTries and self.tries > proxy.nextUpstreamTries:
+            self.tries = proxy.nextUpstreamTries
+        self.addresses: list[str] = []
+        self.connectTimes: list[float | None] = []
+        self.reasons: list[str] = []
+        self.started = self.reactor.seconds()
+        self.attemptStarted = self.started
+        self.peer: PeerState | None = None
+        self.pending: Deferred[_Connected] | None = None
+        self.timer: IDelayedCall | None = None
+        self.timedOut = False
+        self.cancelled = False
+        self._next()
+
+    def _next(self) -> None:
+        now = self.reactor.seconds()
+        peer = self.pool.policy.pick(self.selection, now)
+        if peer is None:
+            log.error(
+                "no live upstreams while connecting to upstream {upstream}",
+                upstream=self.pool.config.name,
+            )
+            self.addresses.append(self.pool.config.name)
+            self._fail()
+            return
+        self.peer = peer
+        self.addresses.append(peer.name)
+        self.connectTimes.append(None)
+        self.attemptStarted = now
+        self.timedOut = False
+        timeout = self.proxy.connectTimeout
+        pending: Deferred[_Connected]
+        try:
+            creator = self.pool._creator(peer)
+            endpoint = self.pool._endpoint(peer, timeout)
+            if creator is None:
+                pending = endpoint.connect(self.factory).addCallback(_plain)
+            else:
+                pending = _Securing(
+                    endpoint, creator, self.factory, peer, self.reactor
+                ).result
+        except BaseException:
+            pending = fail()
+        self.pending = pending
+        self.timer = self.reactor.callLater(timeout, self._timeOut)
+        pending.addCallbacks(self._connected, self._notConnected)
+
+    def _stopTimer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timeOut(self) -> None:
+        self.timer = None
+        self.timedOut = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _connected(self, result: _Connected) -> None:
+        protocol, reused = result
+        self._stopTimer()
+        self.pending = None
+        peer = self.peer
+        assert peer is not None
+        connectTime = self.reactor.seconds() - self.attemptStarted
+        self.connectTimes[-1] = connectTime
+        connection = UpstreamConnection(
+            protocol=protocol,
+            peer=peer.name,
+            connectTime=connectTime,
+            addresses=self.addresses,
+            connectTimes=self.connectTimes,
+            state=peer,
+            onRelease=partial(self.pool._release, peer),
+            sessionReused=reused,
+        )
+        self.result.callback(connection)
+
+    def _notConnected(self, reason: Failure) -> None:
+        self._stopTimer()
+        self.pending = None
+        peer = self.peer
+        assert peer is not None
+        if self.cancelled:
+            # The client went away: not the peer's fault.
+            peer.conns -= 1
+            return
+        if self.timedOut or isinstance(reason.value, error.TimeoutError):
+            why = "upstream timed out"
+        elif isinstance(reason.value, (error.ConnectingCancelledError, CancelledError)):
+            why = "cancelled"
+        else:
+            why = reason.getErrorMessage()
+        self.reasons.append(why)
+        peer.conns -= 1
+        self.pool._failed(peer, why)
+        if self.pool.peers.single:
+            self.tries = 0
+        elif self.tries:
+            self.tries -= 1
+        timeout = self.proxy.nextUpstreamTimeout
+        if (
+            self.tries == 0
+            or not self.proxy.nextUpstream
+            or (timeout and self.reactor.seconds() - self.started >= timeout)
+        ):
+            self._fail()
+            return
+        self._next()
+
+    def _fail(self) -> None:
+        self.result.errback(
+            NoUpstreamAvailable(self.pool.config.name, self.addresses, self.reasons)
+        )
+
+    def _cancel(self, result: Deferred[UpstreamConnection]) -> None:
+        self.cancelled = True
+        self._stopTimer()
+        if self.pending is not None:
+            self.pending.cancel()
+
+
+_Connected = tuple[IProtocol, "bool | None"]
+"""
+A connected attempt: the caller's protocol, and whether TLS resumed a session
+(L{None} without TLS).
+"""
+
+
+def _plain(protocol: IProtocol) -> _Connected:
+    return protocol, None
+
+
+@implementer(IHandshakeListener)
+class _Handshaking(Protocol):
+    """
+    Stands in for the caller's protocol under C{TLSMemoryBIOProtocol} until the
+    handshake completes; then the TLS layer is handed to the caller's protocol.
+    """
+
+    def __init__(self, securing: _Securing, wrapped: IProtocol) -> None:
+        self.securing = securing
+        self.wrapped = wrapped
+
+    def connectionMade(self) -> None:
+        assert isinstance(self.transport, TLSMemoryBIOProtocol)
+        self.securing.tls = self.transport
+
+    def handshakeCompleted(self) -> None:
+        self.securing.secured(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.securing.lost(reason)
+
+
+class _HandshakingFactory(Factory[_Handshaking]):
+    """
+    The factory under C{TLSMemoryBIOFactory}: builds the caller's protocol and a
+    L{_Handshaking} in front of it.
+    """
+
+    noisy = False
+
+    def __init__(self, securing: _Securing) -> None:
+        self.securing = securing
+
+    def buildProtocol(self, addr: IAddress | None) -> _Handshaking:
+        wrapped = None if addr is None else self.securing.factory.buildProtocol(addr)
+        if wrapped is None:
+            raise ValueError("the upstream protocol factory built no protocol")
+        return _Handshaking(self.securing, wrapped)
+
+
+class _Securing:
+    """
+    One TLS connection attempt to a peer: connected when the handshake completes.
+
+    @ivar result: fires with the caller's protocol (connected over TLS) and whether
+        the session was resumed, or fails: with the TCP failure, or with
+        L{UpstreamHandshakeFailed}; cancelling aborts what is under way.
+    @ivar tls: the TLS layer once TCP is connected.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        creator: IOpenSSLClientConnectionCreator,
+        factory: IProtocolFactory,
+        peer: PeerState,
+        clock: IReactorTime,
+    ) -> None:
+        self.factory = factory
+        self.peer = peer
+        self.tls: TLSMemoryBIOProtocol | None = None
+        self.result: Deferred[_Connected] = Deferred(self._cancel)
+        tlsFactory = TLSMemoryBIOFactory(
+            creator, True, _HandshakingFactory(self), clock=clock
+        )
+        self.connecting = endpoint.connect(tlsFactory)
+        self.connecting.addErrback(self._notConnected)
+
+    def _notConnected(self, reason: Failure) -> None:
+        if not self.result.called:
+            self.result.errback(reason)
+
+    def secured(self, handshaking: _Handshaking) -> None:
+        tls = self.tls
+        assert tls is not None
+        if self.result.called:
+            return  # cancelled: the connection is being aborted
+        reused = sessionReused(tls.getHandle())
+        tls.wrappedProtocol = handshaking.wrapped
+        try:
+            handshaking.wrapped.makeConnection(tls)
+        except BaseException:
+            failure = Failure()
+            tls.abortConnection()
+            self.result.errback(failure)
+            return
+        self.result.callback((handshaking.wrapped, reused))
+
+    def lost(self, reason: Failure) -> None:
+        if self.result.called:
+            return
+        # A session the upstream refused or choked on is not offered again.
+        self.peer.session = None
+        self.result.errback(Failure(UpstreamHandshakeFailed(reason)))
+
+    def _cancel(self, result: Deferred[_Connected]) -> None:
+        if self.tls is not None:
+            self.tls.abortConnection()
+        else:
+            self.connecting.cancel()

@@ -1,0 +1,904 @@
+"""
+The byte relay of a stream C{server}: client on one side, upstream on the other.
+
+The shape is Twisted's port forwarder (L{twisted.protocols.portforward}) made
+strict: the client is paused until the upstream connects, then each side
+registers the other's transport as its streaming producer, so that a slow reader
+pauses the fast writer (this holds through C{TLSMemoryBIOProtocol}, which wraps
+producers).  Both sides end together: when one side closes, cleanly or not, the
+other is closed with C{loseConnection} (what was already relayed is flushed, TLS
+sends close_notify, as nginx flushes its buffers), bounded by C{proxy_timeout};
+after that, C{abortConnection}.
+
+nginx's order is kept: on a TLS listener the upstream is connected only after the
+handshake; C{return} answers after the handshake and closes, with no upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
+
+from attrs import define, field
+from OpenSSL import SSL
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tlsrelay._accesslog import AccessLogWriter
+from tlsrelay._config._model import Proxy
+from tlsrelay._variables import (
+    STATUS_BAD_GATEWAY,
+    STATUS_BAD_REQUEST,
+    STATUS_FORBIDDEN,
+    STATUS_INTERNAL_SERVER_ERROR,
+    Session,
+    Template,
+    addressParts,
+    extractTLSFacts,
+    tlsFactNames,
+    verifyResult,
+)
+
+log = Logger()
+
+
+class UpstreamConnection(TypingProtocol):
+    """
+    An upstream connection handed to the relay by the pool.
+
+    @ivar protocol: the protocol built by the factory the relay gave (or a
+        L{ProtocolWrapper} around it, such as C{TLSMemoryBIOProtocol}).
+    @ivar peer: C{$upstream_addr}: the address used, or C{"a, b"} after retries.
+    @ivar connectTime: C{$upstream_connect_time}, in seconds.
+    """
+
+    @property
+    def protocol(self) -> IProtocol: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def connectTime(self) -> float: ...
+
+    def release(self, failed: bool = False) -> None:
+        """
+        The relay is done with the connection (it has closed); C{failed} if the
+        upstream broke it before sending anything.
+        """
+
+
+ConnectUpstream = Callable[[IProtocolFactory, bytes], "Deferred[UpstreamConnection]"]
+"""
+Connect to the upstream group: C{(factory, hashKey) -> Deferred[UpstreamConnection]}.
+
+The pool applies C{proxy_connect_timeout} and C{proxy_next_upstream*}.  The
+L{Deferred} fails when no upstream could be reached (if the exception has a C{peer}
+string, it becomes C{$upstream_addr}); it must support C{cancel()}, which the relay
+calls when the client goes away first (the pool then closes what it opened).
+"""
+
+
+class _Transport(TypingProtocol):
+    # What the relay uses of a TCP transport or a TLSMemoryBIOProtocol.
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+    def getHost(self) -> IAddress: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
+@define(eq=False)
+class WorkerConnections:
+    """
+    C{worker_connections}: the connections this process may have open, clients and
+    upstreams alike (as nginx counts them), shared by every server.
+
+    @ivar active: connections counted now.
+    """
+
+    limit: int = 512
+    active: int = field(default=0, init=False)
+    _serial: int = field(default=0, init=False)
+
+    def acquire(self) -> bool:
+        """
+        Count one more connection, unless that would exceed the limit.
+        """
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        """
+        Count one connection less.
+        """
+        self.active -= 1
+
+    def nextSerial(self) -> int:
+        """
+        The next C{$connection} number.
+        """
+        self._serial += 1
+        return self._serial
+
+
+def _innermost(transport: object) -> object:
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport
+
+
+def _tune(transport: object, bufferSize: int) -> None:
+    """
+    TCP_NODELAY (as nginx's default C{tcp_nodelay on}) and C{proxy_buffer_size} on
+    the socket under C{transport}, which may be a TLS wrapper.
+
+    A Twisted socket transport reads at most C{bufferSize} bytes at once and pauses
+    its producer when more than that is waiting to be written, so the relay holds
+    about C{proxy_buffer_size} per direction, as nginx does.
+    """
+    inner = _innermost(transport)
+    if ITCPTransport.providedBy(inner):
+        try:
+            inner.setTcpNoDelay(True)
+        except OSError:
+            pass
+    if isinstance(inner, FileDescriptor):
+        inner.bufferSize = bufferSize
+
+
+@define(eq=False)
+class _Leg:
+    """
+    One side of a session and where its connection stands.
+
+    @ivar producing: the other side's transport is registered as this transport's
+        producer.
+    """
+
+    name: str
+    transport: _Transport
+    producing: bool = False
+    readClosed: bool = False
+    writeClosed: bool = False
+    closing: bool = False
+    lost: bool = False
+
+    def registerProducer(self, producer: _Transport) -> None:
+        self.transport.registerProducer(producer, True)
+        self.producing = True
+
+    def unregisterProducer(self) -> None:
+        # A socket transport that still has a paused producer when its buffer
+        # drains resumes the producer instead of closing: unregister first.
+        if self.producing:
+            self.producing = False
+            if not self.lost:
+                self.transport.unregisterProducer()
+
+    def close(self) -> None:
+        """
+        Close after what is buffered is written (TLS: then close_notify).
+        """
+        if self.lost or self.closing:
+            return
+        self.closing = True
+        self.unregisterProducer()
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """
+        Close now, dropping what is buffered.
+        """
+        if self.lost:
+            return
+        self.closing = True
+        self.unregisterProducer()
+        self.transport.abortConnection()
+
+    def shutdownWrite(self) -> None:
+        """
+        Send no more, after what is buffered, and keep reading.
+
+        TLS: close_notify (C{TLSMemoryBIOProtocol.loseConnection} reads on until
+        the peer's close_notify).  TCP: C{shutdown(SHUT_WR)}.  Anything else:
+        close.
+        """
+        if self.lost or self.closing or self.writeClosed:
+            return
+        self.writeClosed = True
+        self.unregisterProducer()
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            cast(_Transport, self.transport).loseConnection()
+            return
+        loseWrite = getattr(self.transport, "loseWriteConnection", None)
+        if loseWrite is not None:
+            loseWrite()
+        else:
+            self.closing = True
+            self.transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _UpstreamProtocol(Protocol):
+    """
+    The upstream side: passes every event to its L{RelayProtocol}.
+
+    Until the pool hands it over (C{adopted}), what arrives is held.
+    """
+
+    def __init__(self, relay: RelayProtocol) -> None:
+        self.relay = relay
+        self.adopted = False
+        self.held: list[bytes] = []
+        self.heldSize = 0
+        self.paused = False
+        self.readClosed = False
+        self.lostReason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay._upstreamData(self, data)
+
+    def readConnectionLost(self) -> None:
+        self.relay._upstreamReadClosed(self)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.relay._upstreamLost(self, reason)
+
+
+class _UpstreamFactory(Factory[_UpstreamProtocol]):
+    """
+    Builds the upstream side of one session (one protocol per attempt).
+    """
+
+    noisy = False
+
+    def __init__(self, relay: RelayProtocol) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr: IAddress | None) -> _UpstreamProtocol:
+        protocol = _UpstreamProtocol(self.relay)
+        protocol.factory = self
+        return protocol
+
+
+def _isClientCertificateFailure(handle: object, reason: Failure) -> bool:
+    """
+    Whether a failed handshake failed on the client's certificate (C{403}).
+    """
+    if isinstance(handle, SSL.Connection):
+        try:
+            if verifyResult(handle)[0] != 0:
+                return True
+        except SSL.Error:
+            pass
+    if isinstance(reason.value, SSL.Error):
+        text = str(reason.value).lower()
+        return "certificate" in text and (
+            "did not return" in text or "required" in text or "verify" in text
+        )
+    return False
+
+
+_FAILED_HANDSHAKE_FIELDS = frozenset(
+    {
+        "serverName",
+        "clientSubject",
+        "clientIssuer",
+        "clientVerify",
+        "clientSerial",
+        "clientFingerprint",
+    }
+)
+
+
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
+class RelayProtocol(Protocol):
+    """
+    The client side of a session, and the session itself.
+
+    @ivar session: the session's variables, once the connection is made.
+    """
+
+    def __init__(self, relayFactory: RelayFactory) -> None:
+        self.relayFactory = relayFactory
+        self.session: Session | None = None
+        self._client: _Leg | None = None
+        self._upstreamLeg: _Leg | None = None
+        self._upstream: _UpstreamProtocol | None = None
+        self._connection: UpstreamConnection | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._held: list[bytes] = []
+        self._rejected = False
+        self._upstreamSlot = False
+        self._handshakeDone = False
+        self._handshakeTimedOut = False
+        self._closing = False
+        self._finished = False
+        self._released = False
+        self._lastActivity = 0.0
+        self._handshakeTimer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
+
+    # --- fields for log events ---------------------------------------------------
+
+    def _peerName(self) -> str:
+        session = self.session
+        if session is None:
+            return "?"
+        if session.remotePort is None:
+            return session.remoteAddr or "?"
+        return f"{session.remoteAddr}:{session.remotePort}"
+
+    # --- client events ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.relayFactory
+        transport = cast(_Transport, self.transport)
+        if not factory.connections.acquire():
+            self._rejected = True
+            address, port = addressParts(transport.getPeer())
+            log.warn(
+                "{limit} worker_connections are not enough",
+                limit=factory.connections.limit,
+                client=f"{address}:{port}",
+            )
+            transport.abortConnection()
+            return
+        self._client = _Leg("client", transport)
+        session = Session(
+            now=factory.now,
+            startTime=factory.now(),
+            connection=factory.connections.nextSerial(),
+        )
+        session.setAddresses(transport.getHost(), transport.getPeer())
+        self.session = session
+        _tune(transport, factory.proxy.bufferSize)
+        log.debug(
+            "client {client} connected (connection {connection})",
+            client=self._peerName(),
+            connection=session.connection,
+        )
+        if factory.tls:
+            self._handshakeTimer = factory.clock.callLater(
+                factory.handshakeTimeout, self._handshakeTimeout
+            )
+        else:
+            self._start()
+
+    def handshakeCompleted(self) -> None:
+        if self._client is None or self._closing or self._handshakeDone:
+            return
+        self._handshakeDone = True
+        self._cancelHandshakeTimer()
+        assert self.session is not None
+        handle = self._tlsHandle()
+        if handle is not None:
+            self.session.tls = extractTLSFacts(handle, self.relayFactory.tlsFields)
+        self._start()
+
+    def dataReceived(self, data: bytes) -> None:
+        client, session = self._client, self.session
+        if client is None or session is None or self._closing:
+            return
+        session.bytesReceived += len(data)
+        upstream = self._upstreamLeg
+        if upstream is None:
+            if self.relayFactory.returnTemplate is None:
+                self._held.append(data)
+            return
+        if upstream.lost or upstream.writeClosed:
+            return
+        self._lastActivity = self.relayFactory.clock.seconds()
+        upstream.transport.write(data)
+        assert session.upstreamBytesSent is not None
+        session.upstreamBytesSent += len(data)
+
+    def readConnectionLost(self) -> None:
+        if self._client is not None:
+            self._readClosed(self._client)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        client, session = self._client, self.session
+        if self._rejected or client is None or session is None or client.lost:
+            return
+        client.lost = True
+        client.producing = False
+        self.relayFactory.connections.release()
+        self._cancelHandshakeTimer()
+        clean = isinstance(reason.value, ConnectionDone)
+        if self.relayFactory.tls and not self._handshakeDone:
+            self._handshakeFailed(reason)
+        self._closing = True
+        self._cancelConnect()
+        upstream = self._upstreamLeg
+        if upstream is not None and not upstream.lost:
+            # Even after a reset, what the client sent before it is delivered (as
+            # nginx flushes its buffer); the close timer bounds the wait.
+            upstream.close()
+            self._armCloseTimer()
+        self._maybeFinish()
+
+    # --- session steps ------------------------------------------------------------
+
+    def _tlsHandle(self) -> SSL.Connection | None:
+        getHandle = getattr(self.transport, "getHandle", None)
+        if getHandle is None:
+            return None
+        handle = getHandle()
+        return handle if isinstance(handle, SSL.Connection) else None
+
+    def _handshakeTimeout(self) -> None:
+        self._handshakeTimer = None
+        self._handshakeTimedOut = True
+        log.info(
+            "TLS handshake with {client} timed out after {timeout}s",
+            client=self._peerName(),
+            timeout=self.relayFactory.handshakeTimeout,
+        )
+        self._closing = True
+        assert self._client is not None
+        self._client.abort()
+
+    def _handshakeFailed(self, reason: Failure) -> None:
+        session = self.session
+        assert session is not None
+        handle = self._tlsHandle()
+        if handle is not None:
+            # What a failed handshake tells: the name asked for and the client's
+            # certificate; no protocol, cipher or session was agreed.
+            fields = self.relayFactory.tlsFields & _FAILED_HANDSHAKE_FIELDS
+            session.tls = extractTLSFacts(handle, fields)
+        if self._handshakeTimedOut:
+            session.status = STATUS_BAD_REQUEST
+            return
+        if _isClientCertificateFailure(handle, reason):
+            session.status = STATUS_FORBIDDEN
+        else:
+            session.status = STATUS_BAD_REQUEST
+        log.info(
+            "TLS handshake with {client} failed: {reason}",
+            client=self._peerName(),
+            reason=reason.getErrorMessage(),
+            status=session.status,
+        )
+
+    def _start(self) -> None:
+        """
+        The client is ready (connected, or TLS handshake done): answer C{return},
+        or connect upstream.
+        """
+        factory, client, session = self.relayFactory, self._client, self.session
+        assert client is not None and session is not None
+        if factory.returnTemplate is not None:
+            value = factory.returnTemplate.render(session).encode("utf-8")
+            client.transport.write(value)
+            session.bytesSent += len(value)
+            self._closeSession()
+            return
+        client.transport.pauseProducing()
+        if not factory.connections.acquire():
+            log.warn(
+                "{limit} worker_connections are not enough",
+                limit=factory.connections.limit,
+                client=self._peerName(),
+            )
+            session.status = STATUS_BAD_GATEWAY
+            self._closeSession()
+            return
+        self._upstreamSlot = True
+        session.upstreamBytesSent = 0
+        session.upstreamBytesReceived = 0
+        key = b""
+        if factory.hashKey is not None:
+            key = factory.hashKey.render(session).encode("utf-8")
+        connect = factory.connectUpstream
+        assert connect is not None
+        try:
+            connecting = connect(_UpstreamFactory(self), key)
+        except Exception:
+            log.failure("connecting upstream for {client}", client=self._peerName())
+            self._releaseSlot()
+            session.status = STATUS_INTERNAL_SERVER_ERROR
+            self._closeSession()
+            return
+        # Set before the callbacks: they may run at once.
+        self._connecting = connecting
+        connecting.addCallbacks(self._upstreamConnected, self._upstreamFailed)
+        connecting.addErrback(self._bug)
+
+    def _bug(self, reason: Failure) -> None:
+        log.failure("relay for {client}", reason, client=self._peerName())
+        if self.session is not None:
+            self.session.status = STATUS_INTERNAL_SERVER_ERROR
+        self._abortAll()
+
+    def _cancelConnect(self) -> None:
+        # The errback (CancelledError) clears _connecting.
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+    def _releaseSlot(self) -> None:
+        if self._upstreamSlot:
+            self._upstreamSlot = False
+            self.relayFactory.connections.release()
+
+    def _upstreamFailed(self, reason: Failure) -> None:
+        self._connecting = None
+        self._releaseSlot()
+        session = self.session
+        assert session is not None
+        peer = getattr(reason.value, "peer", None)
+        if isinstance(peer, str) and peer:
+            session.upstreamAddr = peer
+        if isinstance(reason.value, CancelledError) and self._closing:
+            self._maybeFinish()
+            return
+        session.status = STATUS_BAD_GATEWAY
+        log.info(
+            "no upstream for {client}: {reason}",
+            client=self._peerName(),
+            reason=reason.getErrorMessage(),
+        )
+        self._closeSession()
+        self._maybeFinish()
+
+    def _upstreamConnected(self, connection: UpstreamConnection) -> None:
+        self._connecting = None
+        factory, client, session = self.relayFactory, self._client, self.session
+        assert client is not None and session is not None
+        protocol = _innermostProtocol(connection.protocol)
+        if not isinstance(protocol, _UpstreamProtocol) or protocol.relay is not self:
+            # A pool bug: give the connection back and fail this session.
+            log.error(
+                "upstream connection {upstream} has a protocol the relay did not "
+                "build: {protocol!r}",
+                upstream=connection.peer,
+                protocol=protocol,
+            )
+            transport = getattr(connection.protocol, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
+            connection.release(False)
+            self._releaseSlot()
+            session.status = STATUS_INTERNAL_SERVER_ERROR
+            self._closeSession()
+            return
+        self._connection = connection
+        self._upstream = protocol
+        protocol.adopted = True
+        session.upstreamAddr = connection.peer
+        session.upstreamConnectTime = connection.connectTime
+        upstream = self._upstreamLeg = _Leg(
+            "upstream", cast(_Transport, protocol.transport)
+        )
+        held, protocol.held = protocol.held, []
+        if protocol.lostReason is not None:
+            for data in held:
+                self._toClient(data)
+            self._upstreamLost(protocol, protocol.lostReason)
+            return
+        if self._closing:
+            upstream.close()
+            return
+        _tune(upstream.transport, factory.proxy.bufferSize)
+        log.debug(
+            "upstream {upstream} connected for {client} in {connectTime:.3f}s",
+            upstream=connection.peer,
+            client=self._peerName(),
+            connectTime=connection.connectTime,
+        )
+        upstream.registerProducer(client.transport)
+        client.registerProducer(upstream.transport)
+        early, self._held = self._held, []
+        for data in early:
+            upstream.transport.write(data)
+            assert session.upstreamBytesSent is not None
+            session.upstreamBytesSent += len(data)
+        for data in held:
+            self._toClient(data)
+        if protocol.paused:
+            protocol.paused = False
+            upstream.transport.resumeProducing()
+        self._lastActivity = factory.clock.seconds()
+        self._startTimer(factory.proxy.timeout)
+        if client.readClosed:
+            self._passReadClosed(client)
+        if protocol.readClosed:
+            self._readClosed(upstream)
+        if not client.readClosed and not self._closing:
+            client.transport.resumeProducing()
+
+    def _toClient(self, data: bytes) -> None:
+        client, session = self._client, self.session
+        assert client is not None and session is not None
+        if client.lost or client.writeClosed:
+            return
+        client.transport.write(data)
+        session.bytesSent += len(data)
+
+    # --- upstream events ------------------------------------------------------------
+
+    def _upstreamData(self, protocol: _UpstreamProtocol, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        if session.upstreamBytesReceived is not None:
+            session.upstreamBytesReceived += len(data)
+        if not protocol.adopted:
+            # Before the pool hands the connection over (it may still be checking
+            # it): hold, and stop reading beyond one buffer.
+            protocol.held.append(data)
+            protocol.heldSize += len(data)
+            if (
+                protocol.heldSize > self.relayFactory.proxy.bufferSize
+                and not protocol.paused
+            ):
+                protocol.paused = True
+                cast(_Transport, protocol.transport).pauseProducing()
+            return
+        if protocol is not self._upstream or self._closing:
+            return
+        self._lastActivity = self.relayFactory.clock.seconds()
+        self._toClient(data)
+
+    def _upstreamReadClosed(self, protocol: _UpstreamProtocol) -> None:
+        protocol.readClosed = True
+        if protocol.adopted and protocol is self._upstream:
+            assert self._upstreamLeg is not None
+            self._readClosed(self._upstreamLeg)
+
+    def _upstreamLost(self, protocol: _UpstreamProtocol, reason: Failure) -> None:
+        if not protocol.adopted:
+            protocol.lostReason = reason
+            return
+        upstream, client = self._upstreamLeg, self._client
+        if protocol is not self._upstream or upstream is None or upstream.lost:
+            return
+        assert client is not None
+        upstream.lost = True
+        upstream.producing = False
+        self._releaseSlot()
+        clean = isinstance(reason.value, ConnectionDone)
+        session = self.session
+        assert session is not None
+        # Failed: the upstream broke the connection on its own, before sending
+        # anything (not because the relay aborted it).
+        broke = not clean and not upstream.closing
+        self._release(failed=broke and not session.upstreamBytesReceived)
+        if broke:
+            log.info(
+                "upstream {upstream} of {client} lost: {reason}",
+                upstream=session.upstreamAddr,
+                client=self._peerName(),
+                reason=reason.getErrorMessage(),
+            )
+        self._closing = True
+        client.close()
+        self._armCloseTimer()
+        self._maybeFinish()
+
+    def _release(self, failed: bool) -> None:
+        connection = self._connection
+        if connection is None or self._released:
+            return
+        self._released = True
+        try:
+            connection.release(failed)
+        except Exception:
+            log.failure("releasing upstream {upstream}", upstream=connection.peer)
+
+    # --- half close, timeouts, teardown ---------------------------------------------
+
+    def _readClosed(self, leg: _Leg) -> None:
+        """
+        C{leg}'s peer sent FIN: with C{proxy_half_close}, pass it on and keep
+        relaying the other way; without, end the session (as nginx).
+        """
+        if leg.readClosed:
+            return
+        leg.readClosed = True
+        self._passReadClosed(leg)
+
+    def _passReadClosed(self, leg: _Leg) -> None:
+        other = self._upstreamLeg if leg is self._client else self._client
+        if other is None:
+            # The client half-closed before the upstream connected: passed on
+            # when it does.
+            return
+        if not self.relayFactory.proxy.halfClose or other.readClosed:
+            self._closeSession()
+            return
+        log.debug(
+            "{side} of {client} half-closed",
+            side=leg.name,
+            client=self._peerName(),
+        )
+        other.shutdownWrite()
+
+    def _startTimer(self, delay: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.relayFactory.clock.callLater(delay, self._timerFired)
+
+    def _armCloseTimer(self) -> None:
+        # Bounds how long closing may take (a TLS peer that never answers
+        # close_notify): at the next expiry, whatever is left is aborted.
+        if not self._finished:
+            self._startTimer(self.relayFactory.proxy.timeout)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        timeout = self.relayFactory.proxy.timeout
+        if self._closing:
+            log.info("closing {client} timed out", client=self._peerName())
+            self._abortAll()
+            return
+        idle = self.relayFactory.clock.seconds() - self._lastActivity
+        if idle < timeout:
+            self._startTimer(timeout - idle)
+            return
+        log.info(
+            "{client} idle for {timeout}s (proxy_timeout): closing",
+            client=self._peerName(),
+            timeout=timeout,
+        )
+        self._closeSession()
+
+    def _closeSession(self) -> None:
+        """
+        End the session: flush and close both sides.
+        """
+        self._closing = True
+        self._cancelConnect()
+        for leg in (self._client, self._upstreamLeg):
+            if leg is not None:
+                leg.close()
+        self._armCloseTimer()
+
+    def _abortAll(self) -> None:
+        self._closing = True
+        self._cancelConnect()
+        for leg in (self._client, self._upstreamLeg):
+            if leg is not None:
+                leg.abort()
+
+    def _cancelHandshakeTimer(self) -> None:
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _maybeFinish(self) -> None:
+        client, upstream = self._client, self._upstreamLeg
+        if self._finished or client is None or not client.lost:
+            return
+        if self._connecting is not None:
+            return
+        if upstream is not None and not upstream.lost:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        """
+        Both sides are closed: log the session.
+        """
+        self._finished = True
+        self._cancelHandshakeTimer()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._releaseSlot()
+        session = self.session
+        assert session is not None
+        session.endTime = self.relayFactory.now()
+        log.info(
+            "client {client} closed (connection {connection}): status {status}, "
+            "bytes from/to client {bytesReceived}/{bytesSent}, "
+            "bytes from/to upstream {upstreamBytesReceived}/{upstreamBytesSent}, "
+            "{sessionTime:.3f}s",
+            client=self._peerName(),
+            connection=session.connection,
+            status=session.status,
+            bytesReceived=session.bytesReceived,
+            bytesSent=session.bytesSent,
+            upstream=session.upstreamAddr,
+            upstreamBytesReceived=session.upstreamBytesReceived or 0,
+            upstreamBytesSent=session.upstreamBytesSent or 0,
+            sessionTime=session.duration(),
+        )
+        for writer, template in self.relayFactory.accessLogs:
+            try:
+                writer.write(template, session)
+            except Exception:
+                log.failure("writing access log {path}", path=writer.path)
+
+
+def _innermostProtocol(protocol: object) -> object:
+    while isinstance(protocol, ProtocolWrapper):
+        protocol = protocol.wrappedProtocol
+    return protocol
+
+
+@define(eq=False, slots=False)
+class RelayFactory(ServerFactory[RelayProtocol]):
+    """
+    Builds the sessions of one stream C{server}.
+
+    When the listener has C{ssl}, the caller wraps this factory in a
+    C{TLSMemoryBIOFactory} and passes C{tls=True}.
+
+    @ivar connectUpstream: connects to the C{proxy_pass} target; L{None} with
+        C{returnTemplate}.
+    @ivar proxy: the C{proxy_*} settings.
+    @ivar tls: the listener has C{ssl}.
+    @ivar handshakeTimeout: C{ssl_handshake_timeout}, seconds.
+    @ivar clock: timers (handshake, C{proxy_timeout}).
+    @ivar now: wall-clock time, for the session's variables.
+    @ivar connections: C{worker_connections}, shared by all servers of a process.
+    @ivar accessLogs: where and how each finished session is logged.
+    @ivar returnTemplate: the C{return} value: sent after the handshake, then
+        the connection is closed.
+    @ivar hashKey: the C{hash} balancing key, rendered per session for
+        C{connectUpstream}.
+    """
+
+    connectUpstream: ConnectUpstream | None
+    proxy: Proxy
+    tls: bool
+    handshakeTimeout: float
+    clock: IReactorTime
+    now: Callable[[], float]
+    connections: WorkerConnections
+    accessLogs: Sequence[tuple[AccessLogWriter, Template]] = ()
+    returnTemplate: Template | None = None
+    hashKey: Template | None = None
+    tlsFields: frozenset[str] = field(init=False)
+
+    noisy = False
+
+    def __attrs_post_init__(self) -> None:
+        if (self.connectUpstream is None) == (self.returnTemplate is None):
+            raise ValueError("give exactly one of connectUpstream and returnTemplate")
+        names: set[str] = set()
+        for _, template in self.accessLogs:
+            names |= template.names
+        for maybe in (self.returnTemplate, self.hashKey):
+            if maybe is not None:
+                names |= maybe.names
+        self.tlsFields = tlsFactNames(names)
+
+    def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:
+        protocol = RelayProtocol(self)
+        protocol.factory = self
+        return protocol

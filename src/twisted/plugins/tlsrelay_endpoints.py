@@ -1,0 +1,3 @@
+from tlsrelay._parsers import TLSRelayServerParser
+
+tlsrelayServerParser = TLSRelayServerParser()

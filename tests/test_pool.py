@@ -1,0 +1,666 @@
+# mypy: allow-untyped-calls
+"""
+Tests for L{tlsrelay._pool}.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IResolutionReceiver,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tlsrelay._balance import PeerState
+from tlsrelay._config._model import (
+    Address,
+    Balancer,
+    Proxy,
+    UpstreamGroup,
+    UpstreamServer,
+    Where,
+)
+from tlsrelay._pool import (
+    HostNotFound,
+    NoUpstreamAvailable,
+    UpstreamConnection,
+    UpstreamPool,
+    _Addresses,
+    groupForAddress,
+)
+
+
+def tcp(port: int, host: str = "127.0.0.1") -> Address:
+    return Address("tcp", host, port)
+
+
+def makePool(
+    *servers: UpstreamServer,
+    balancer: Balancer | None = None,
+    tlsFor: Any = None,
+) -> tuple[UpstreamPool, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    group = UpstreamGroup("backend", servers, balancer or Balancer())
+    return UpstreamPool(group, reactor, random.Random(3), tlsFor), reactor
+
+
+def threeServers(**kw: Any) -> tuple[UpstreamPool, MemoryReactorClock]:
+    return makePool(
+        UpstreamServer(tcp(9001)),
+        UpstreamServer(tcp(9002)),
+        UpstreamServer(tcp(9003)),
+        **kw,
+    )
+
+
+def factory() -> Factory:
+    return Factory.forProtocol(Protocol)
+
+
+def accept(reactor: MemoryReactorClock, index: int = -1) -> StringTransport:
+    """
+    Let the C{index}th connection attempt succeed.
+    """
+    host, port, clientFactory, _, _ = reactor.tcpClients[index]
+    protocol = clientFactory.buildProtocol(IPv4Address("TCP", host, port))
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return transport
+
+
+def refuse(reactor: MemoryReactorClock, index: int = -1) -> None:
+    """
+    Let the C{index}th connection attempt fail.
+    """
+    clientFactory = reactor.tcpClients[index][2]
+    clientFactory.clientConnectionFailed(
+        reactor.connectors[index], Failure(ConnectionRefusedError())
+    )
+
+
+def targets(reactor: MemoryReactorClock) -> list[int]:
+    return [client[1] for client in reactor.tcpClients]
+
+
+def connected(d: Deferred[UpstreamConnection]) -> UpstreamConnection:
+    result: list[UpstreamConnection] = []
+    d.addCallback(result.append)
+    assert result, "not connected"
+    return result[0]
+
+
+class AddressesTests(SynchronousTestCase):
+    def test_interface(self) -> None:
+        """
+        The resolution receiver provides L{IResolutionReceiver}.
+        """
+        self.assertTrue(verifyObject(IResolutionReceiver, _Addresses()))
+
+
+class ConnectTests(SynchronousTestCase):
+    def test_connect(self) -> None:
+        """
+        The pool connects to a peer picked by the balancer, within
+        C{proxy_connect_timeout}, and gives the connected protocol.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy(connectTimeout=7.0))
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 9001))
+        self.assertEqual(reactor.tcpClients[0][3], 7.0)
+        self.assertNoResult(d)
+        reactor.advance(0.25)
+        transport = accept(reactor)
+        connection = connected(d)
+        self.assertIsInstance(connection.protocol, Protocol)
+        self.assertIs(connection.protocol.transport, transport)  # type: ignore[attr-defined]
+        self.assertEqual(connection.peer, "127.0.0.1:9001")
+        self.assertEqual(connection.addresses, ["127.0.0.1:9001"])
+        self.assertEqual(connection.connectTime, 0.25)
+        self.assertEqual(connection.connectTimes, [0.25])
+        self.assertIs(connection.state, pool.peers.primary[0])
+        self.assertEqual(pool.peers.primary[0].conns, 1)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_roundRobinAcrossConnections(self) -> None:
+        """
+        Successive connections follow the balancer.
+        """
+        pool, reactor = threeServers()
+        for _ in range(4):
+            pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002, 9003, 9001])
+
+    def test_nextUpstream(self) -> None:
+        """
+        A failed connection is logged and counted against its peer, and the next
+        peer is tried; C{addresses} lists both, as C{$upstream_addr} does.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        with capturedLogs() as events:
+            refuse(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        reactor.advance(1)
+        accept(reactor)
+        connection = connected(d)
+        self.assertEqual(connection.addresses, ["127.0.0.1:9001", "127.0.0.1:9002"])
+        self.assertEqual(connection.upstreamAddr, "127.0.0.1:9001, 127.0.0.1:9002")
+        self.assertEqual(connection.peer, "127.0.0.1:9002")
+        self.assertEqual(connection.connectTimes, [None, 1.0])
+        first = pool.peers.primary[0]
+        self.assertEqual((first.fails, first.conns), (1, 0))
+        failed = [e for e in events if e.get("peer") == "127.0.0.1:9001"]
+        self.assertEqual(failed[0]["log_level"].name, "warn")
+        self.assertEqual(failed[0]["upstream"], "backend")
+        self.assertIn("refused", failed[0]["reason"])
+        self.assertIn("temporarily disabled", failed[1]["log_format"])
+
+    def test_allFail(self) -> None:
+        """
+        When every peer failed, the result fails with L{NoUpstreamAvailable}
+        naming what was tried.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        for _ in range(3):
+            refuse(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002, 9003])
+        failure = self.failureResultOf(d, NoUpstreamAvailable)
+        error = failure.value
+        assert isinstance(error, NoUpstreamAvailable)
+        self.assertEqual(
+            error.addresses, ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+        )
+        self.assertEqual(error.peer, "127.0.0.1:9001, 127.0.0.1:9002, 127.0.0.1:9003")
+        self.assertTrue(str(error).startswith('upstream "backend" failed: tried '))
+        self.assertIn("127.0.0.1:9003 (Connection was refused", str(error))
+        self.assertEqual([peer.conns for peer in pool.peers.primary], [0, 0, 0])
+
+    def test_nextUpstreamTries(self) -> None:
+        """
+        C{proxy_next_upstream_tries} bounds the tries.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy(nextUpstreamTries=2))
+        refuse(reactor)
+        refuse(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        assert isinstance(error, NoUpstreamAvailable)
+        self.assertEqual(error.addresses, ["127.0.0.1:9001", "127.0.0.1:9002"])
+
+    def test_nextUpstreamOff(self) -> None:
+        """
+        With C{proxy_next_upstream off}, one failure ends the attempt.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy(nextUpstream=False))
+        refuse(reactor)
+        self.assertEqual(targets(reactor), [9001])
+        self.failureResultOf(d, NoUpstreamAvailable)
+
+    def test_nextUpstreamTimeout(self) -> None:
+        """
+        C{proxy_next_upstream_timeout} bounds the time from the first try.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy(nextUpstreamTimeout=5.0))
+        reactor.advance(2)
+        refuse(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        reactor.advance(3)
+        refuse(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        self.failureResultOf(d, NoUpstreamAvailable)
+
+    def test_connectTimeout(self) -> None:
+        """
+        A try that does not connect within C{proxy_connect_timeout} is stopped,
+        counted as a failure, and the next peer is tried.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy(connectTimeout=3.0))
+        reactor.advance(2.9)
+        self.assertEqual(targets(reactor), [9001])
+        reactor.advance(0.1)
+        self.assertTrue(reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        self.assertEqual(pool.peers.primary[0].fails, 1)
+        reactor.advance(3.0)
+        reactor.advance(3.0)
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        self.assertIn("127.0.0.1:9001 (upstream timed out)", str(error))
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling the result stops the pending try, counts no failure and tries
+        no other peer.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(targets(reactor), [9001])
+        self.assertEqual(
+            [(peer.conns, peer.fails) for peer in pool.peers.primary], [(0, 0)] * 3
+        )
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_cancelAfterFailure(self) -> None:
+        """
+        Cancelling during the second try keeps the first failure only.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        refuse(reactor)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        self.assertEqual(
+            [(peer.conns, peer.fails) for peer in pool.peers.primary],
+            [(0, 1), (0, 0), (0, 0)],
+        )
+
+    def test_noLiveUpstreams(self) -> None:
+        """
+        With no usable peer, the result fails at once; C{$upstream_addr} gets
+        the group's name, as in nginx.
+        """
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001), down=True), UpstreamServer(tcp(9002), down=True)
+        )
+        with capturedLogs() as events:
+            d = pool.connect(factory(), b"", Proxy())
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        assert isinstance(error, NoUpstreamAvailable)
+        self.assertEqual(error.addresses, ["backend"])
+        self.assertEqual(str(error), 'no live upstreams in "backend"')
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(events[0]["upstream"], "backend")
+
+    def test_unix(self) -> None:
+        """
+        UNIX servers are connected with C{connectUNIX}.
+        """
+        pool, reactor = makePool(UpstreamServer(Address("unix", path="/run/up.sock")))
+        d = pool.connect(factory(), b"", Proxy(connectTimeout=4.0))
+        path, clientFactory, timeout, _ = reactor.unixClients[0]
+        self.assertEqual((path, timeout), ("/run/up.sock", 4.0))
+        protocol = clientFactory.buildProtocol(None)
+        assert protocol is not None
+        protocol.makeConnection(StringTransport())
+        self.assertEqual(connected(d).peer, "unix:/run/up.sock")
+
+    def test_ipv6(self) -> None:
+        """
+        IPv6 literals are connected as such and named in brackets.
+        """
+        pool, reactor = makePool(UpstreamServer(tcp(9001, "::1")))
+        d = pool.connect(factory(), b"", Proxy())
+        host, port, clientFactory, _, _ = reactor.tcpClients[0]
+        self.assertEqual((host, port), ("::1", 9001))
+        protocol = clientFactory.buildProtocol(IPv6Address("TCP", host, port))
+        assert protocol is not None
+        protocol.makeConnection(StringTransport())
+        self.assertEqual(connected(d).peer, "[::1]:9001")
+
+    def test_hashKey(self) -> None:
+        """
+        The hash key picks the peer.
+        """
+        pool, reactor = threeServers(balancer=Balancer("hash", key="$remote_addr"))
+        for _ in range(3):
+            pool.connect(factory(), b"10.0.0.7", Proxy())
+            accept(reactor)
+        self.assertEqual(len(set(targets(reactor))), 1)
+
+
+class ReleaseTests(SynchronousTestCase):
+    def test_counts(self) -> None:
+        """
+        C{release} counts the connection out of its peer, once.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        accept(reactor)
+        connection = connected(d)
+        peer = pool.peers.primary[0]
+        self.assertEqual(peer.conns, 1)
+        connection.release()
+        connection.release()
+        self.assertEqual(peer.conns, 0)
+
+    def test_failed(self) -> None:
+        """
+        C{release(failed=True)} counts a failure against the peer.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        accept(reactor)
+        with capturedLogs() as events:
+            connected(d).release(failed=True)
+        peer = pool.peers.primary[0]
+        self.assertEqual((peer.conns, peer.fails), (0, 1))
+        self.assertIn("temporarily disabled", events[0]["log_format"])
+
+    def test_leastConn(self) -> None:
+        """
+        With C{least_conn}, open connections steer new ones; released ones no
+        longer count.
+        """
+        pool, reactor = threeServers(balancer=Balancer("least_conn"))
+        connections = []
+        for _ in range(3):
+            d = pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+            connections.append(connected(d))
+        connections[1].release()
+        pool.connect(factory(), b"", Proxy())
+        self.assertEqual(targets(reactor), [9001, 9002, 9003, 9002])
+
+    def test_maxConns(self) -> None:
+        """
+        A peer at C{max_conns} is skipped until a connection is released.
+        """
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001), maxConns=1), UpstreamServer(tcp(9002))
+        )
+        d = pool.connect(factory(), b"", Proxy())
+        accept(reactor)
+        first = connected(d)
+        for _ in range(2):
+            pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+        self.assertEqual(targets(reactor), [9001, 9002, 9002])
+        first.release()
+        for _ in range(2):
+            pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+        self.assertIn(9001, targets(reactor)[-2:])
+
+
+class HealthTests(SynchronousTestCase):
+    def test_passive(self) -> None:
+        """
+        A peer that failed C{max_fails} times is skipped until C{fail_timeout}
+        has passed; a probe that ends well makes it available again.
+        """
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001), maxFails=1, failTimeout=10.0),
+            UpstreamServer(tcp(9002)),
+        )
+        d = pool.connect(factory(), b"", Proxy())
+        refuse(reactor)
+        accept(reactor)
+        connected(d).release()
+        for _ in range(3):
+            reactor.advance(3)
+            other = pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+            connected(other).release()
+        self.assertEqual(targets(reactor), [9001, 9002, 9002, 9002, 9002])
+        reactor.advance(1.5)
+        probes = []
+        while targets(reactor)[-1] != 9001:
+            d = pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+            probes.append(connected(d))
+        self.assertLessEqual(len(probes), 3)
+        with capturedLogs() as events:
+            probes[-1].release()
+        self.assertEqual(pool.peers.primary[0].fails, 0)
+        self.assertIn("available again", events[0]["log_format"])
+        self.assertEqual(events[0]["peer"], "127.0.0.1:9001")
+
+    def test_markHealthy(self) -> None:
+        """
+        An active health check can take a peer out and put it back; changes are
+        logged.
+        """
+        pool, reactor = makePool(UpstreamServer(tcp(9001)), UpstreamServer(tcp(9002)))
+        peer = pool.peers.primary[0]
+        with capturedLogs() as events:
+            pool.markHealthy(peer, False)
+            pool.markHealthy(peer, False)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(events[0]["log_level"].name, "warn")
+        for _ in range(2):
+            pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+        self.assertEqual(targets(reactor), [9002, 9002])
+        with capturedLogs() as events:
+            pool.markHealthy(peer, True)
+        self.assertEqual(events[0]["log_level"].name, "info")
+        pool.connect(factory(), b"", Proxy())
+        self.assertEqual(targets(reactor)[-1], 9001)
+
+    def test_backup(self) -> None:
+        """
+        Backup servers are tried when every primary failed.
+        """
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001)),
+            UpstreamServer(tcp(9002)),
+            UpstreamServer(tcp(9009), backup=True),
+        )
+        d = pool.connect(factory(), b"", Proxy())
+        refuse(reactor)
+        refuse(reactor)
+        accept(reactor)
+        self.assertEqual(
+            connected(d).addresses,
+            ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9009"],
+        )
+        pool.connect(factory(), b"", Proxy())
+        self.assertEqual(targets(reactor)[-1], 9009)
+
+    def test_singleAddress(self) -> None:
+        """
+        C{proxy_pass host:port} is a group of one server: its failures are not
+        counted and it is not retried within a connection.
+        """
+        address = tcp(9001)
+        group = groupForAddress(address)
+        self.assertEqual(group.name, "127.0.0.1:9001")
+        reactor = MemoryReactorClock()
+        pool = UpstreamPool(group, reactor, random.Random(1))
+        d = pool.connect(factory(), b"", Proxy())
+        refuse(reactor)
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        assert isinstance(error, NoUpstreamAvailable)
+        self.assertEqual(error.addresses, ["127.0.0.1:9001"])
+        self.assertEqual(pool.peers.primary[0].fails, 0)
+        pool.connect(factory(), b"", Proxy())
+        self.assertEqual(targets(reactor), [9001, 9001])
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """
+    A name resolver with fixed answers, completing when told.
+    """
+
+    def __init__(self, answers: dict[str, Sequence[IAddress]]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, int, Any]] = []
+        self.receivers: list[tuple[IResolutionReceiver, str, int]] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        self.asked.append((hostName, portNumber, addressTypes))
+        self.receivers.append((resolutionReceiver, hostName, portNumber))
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        return resolution
+
+    def finish(self) -> None:
+        for receiver, name, _port in self.receivers:
+            for address in self.answers.get(name, []):
+                receiver.addressResolved(address)
+            receiver.resolutionComplete()
+
+
+class ResolveTests(SynchronousTestCase):
+    def test_fakeResolver(self) -> None:
+        """
+        The fake resolver provides L{IHostnameResolver}.
+        """
+        self.assertTrue(verifyObject(IHostnameResolver, FakeResolver({})))
+
+    def test_literalsOnly(self) -> None:
+        """
+        Literal addresses need no resolution.
+        """
+        pool, _ = threeServers()
+        self.assertIsNone(self.successResultOf(pool.resolveAll()))
+        self.assertEqual(len(pool.peers.primary), 3)
+
+    def test_expands(self) -> None:
+        """
+        A name becomes one peer per address, IPv4 and IPv6, between the peers of
+        the other servers; consistent hashing keeps hashing the name.
+        """
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001)),
+            UpstreamServer(tcp(80, "backend.example"), weight=2),
+            UpstreamServer(tcp(9003), backup=True),
+            balancer=Balancer("hash", key="$remote_addr", consistent=True),
+        )
+        resolver = FakeResolver(
+            {
+                "backend.example": [
+                    IPv4Address("TCP", "10.0.0.1", 80),
+                    IPv6Address("TCP", "2001:db8::1", 80),
+                    IPv4Address("TCP", "10.0.0.1", 80),
+                ]
+            }
+        )
+        reactor.installNameResolver(resolver)
+        first = pool.peers.primary[0]
+        d = pool.resolveAll()
+        self.assertNoResult(d)
+        self.assertEqual(resolver.asked[0][:2], ("backend.example", 80))
+        self.assertEqual(set(resolver.asked[0][2]), {IPv4Address, IPv6Address})
+        resolver.finish()
+        self.successResultOf(d)
+        self.assertEqual(
+            [peer.name for peer in pool.peers.primary],
+            ["127.0.0.1:9001", "10.0.0.1:80", "[2001:db8::1]:80"],
+        )
+        self.assertIs(pool.peers.primary[0], first)
+        self.assertEqual(
+            [peer.server for peer in pool.peers.primary[1:]], ["backend.example:80"] * 2
+        )
+        self.assertEqual([peer.weight for peer in pool.peers.primary], [1, 2, 2])
+        self.assertEqual([peer.name for peer in pool.peers.backup], ["127.0.0.1:9003"])
+        self.assertIs(pool.policy.group, pool.peers)
+        pool.connect(factory(), b"10.1.2.3", Proxy())
+        self.assertIn(
+            reactor.tcpClients[0][0], {"127.0.0.1", "10.0.0.1", "2001:db8::1"}
+        )
+
+    def test_notFound(self) -> None:
+        """
+        A name without addresses fails start-up, naming it and its line.
+        """
+        where = Where("/etc/relay.conf", 12)
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001)),
+            UpstreamServer(tcp(80, "nowhere.example"), where=where),
+        )
+        resolver = FakeResolver({})
+        reactor.installNameResolver(resolver)
+        d = pool.resolveAll()
+        resolver.finish()
+        failure = self.failureResultOf(d, HostNotFound)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            'host not found in upstream "nowhere.example:80" in /etc/relay.conf:12',
+        )
+
+    def test_unresolvedName(self) -> None:
+        """
+        A name not resolved yet is connected through the reactor's resolver.
+        """
+        pool, reactor = makePool(
+            UpstreamServer(tcp(80, "backend.example")), UpstreamServer(tcp(9002))
+        )
+        d = pool.connect(factory(), b"", Proxy())
+        # MemoryReactorClock's resolver answers 127.0.0.1 for every name.
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 80))
+        accept(reactor)
+        self.assertEqual(connected(d).peer, "backend.example:80")
+
+
+class TLSTests(SynchronousTestCase):
+    def test_wrapped(self) -> None:
+        """
+        When C{tlsFor} gives a creator, the connection speaks TLS (a ClientHello
+        is sent at once) and the caller still gets its own protocol.
+        """
+        seen: list[PeerState] = []
+
+        def tlsFor(peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
+            seen.append(peer)
+            if peer.address.port == 9002:
+                return None
+            return optionsForClientTLS("upstream.example")
+
+        pool, reactor = makePool(
+            UpstreamServer(tcp(9001)), UpstreamServer(tcp(9002)), tlsFor=tlsFor
+        )
+        d = pool.connect(factory(), b"", Proxy())
+        transport = accept(reactor)
+        connection = connected(d)
+        self.assertEqual(type(connection.protocol), Protocol)
+        self.assertEqual(transport.value()[:1], b"\x16")
+        self.assertIs(seen[0], pool.peers.primary[0])
+        plain = pool.connect(factory(), b"", Proxy())
+        transport = accept(reactor)
+        self.assertEqual(type(connected(plain).protocol), Protocol)
+        self.assertEqual(transport.value(), b"")
+
+    def test_protocolType(self) -> None:
+        """
+        The connection's protocol provides L{IProtocol}.
+        """
+        pool, reactor = threeServers()
+        d = pool.connect(factory(), b"", Proxy())
+        accept(reactor)
+        self.assertTrue(IProtocol.providedBy(connected(d).protocol))
