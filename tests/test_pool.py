@@ -5,37 +5,42 @@ Tests for L{tlsrelay._pool}.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
+import trustme
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IAddress,
+    IHandshakeListener,
     IHostnameResolver,
     IHostResolution,
-    IOpenSSLClientConnectionCreator,
     IProtocol,
     IResolutionReceiver,
 )
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tlsrelay._balance import PeerState
+from tests._iosim import FakeTransport, IOPump
+from tests._iosim import connect as iosimConnect
 from tlsrelay._config._model import (
     Address,
     Balancer,
     Proxy,
     UpstreamGroup,
     UpstreamServer,
+    UpstreamTLS,
     Where,
 )
 from tlsrelay._pool import (
@@ -44,8 +49,12 @@ from tlsrelay._pool import (
     UpstreamConnection,
     UpstreamPool,
     _Addresses,
+    _Handshaking,
     groupForAddress,
 )
+from tlsrelay._tls import ServerContextFactory
+from tlsrelay._upstreamtls import tlsForServer
+from tlsrelay.testing import writeCertificates
 
 
 def tcp(port: int, host: str = "127.0.0.1") -> Address:
@@ -628,33 +637,248 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(connected(d).peer, "backend.example:80")
 
 
+class Recorder(Protocol):
+    """
+    The caller's protocol: records when it was connected and what it received.
+    """
+
+    def __init__(self) -> None:
+        self.made: list[float] = []
+        self.received: list[bytes] = []
+        self.lost: list[Failure] = []
+
+    def connectionMade(self) -> None:
+        self.made.append(1.0)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
+
+
+class Greeter(Protocol):
+    """
+    An upstream application: says hello once TLS is up.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+
+
+def tlsAccept(
+    reactor: MemoryReactorClock, server: SSL.Context, index: int = -1
+) -> IOPump:
+    """
+    Let the C{index}th connection attempt reach an in-memory TLS upstream serving
+    with C{server}; return the pump between them (not yet pumped).
+    """
+    host, port, clientFactory, _, _ = reactor.tcpClients[index]
+    client = clientFactory.buildProtocol(IPv4Address("TCP", host, port))
+    upstream = TLSMemoryBIOFactory(
+        ServerContextFactory(server), False, Factory.forProtocol(Greeter), reactor
+    ).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    pump: IOPump = iosimConnect(
+        upstream,
+        FakeTransport(upstream, isServer=True),
+        client,
+        FakeTransport(client, isServer=False),
+        greet=False,
+        clock=reactor,
+    )
+    return pump
+
+
 class TLSTests(SynchronousTestCase):
-    def test_wrapped(self) -> None:
-        """
-        When C{tlsFor} gives a creator, the connection speaks TLS (a ClientHello
-        is sent at once) and the caller still gets its own protocol.
-        """
-        seen: list[PeerState] = []
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        self.files = writeCertificates(self.dir)
+        self.ca = self.files.ca
 
-        def tlsFor(peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
-            seen.append(peer)
-            if peer.address.port == 9002:
-                return None
-            return optionsForClientTLS("upstream.example")
+    def serverContext(self, ca: trustme.CA | None = None) -> SSL.Context:
+        context = SSL.Context(SSL.TLS_METHOD)
+        (ca or self.ca).issue_cert("localhost").configure_cert(context)
+        return context
 
-        pool, reactor = makePool(
-            UpstreamServer(tcp(9001)), UpstreamServer(tcp(9002)), tlsFor=tlsFor
+    def tlsPool(
+        self, *ports: int, **settings: Any
+    ) -> tuple[UpstreamPool, MemoryReactorClock]:
+        settings.setdefault("verify", True)
+        settings.setdefault("trustedCertificate", self.files.caFile)
+        tls = tlsForServer(UpstreamTLS(enabled=True, **settings), "localhost", None)
+        return makePool(*(UpstreamServer(tcp(port)) for port in ports), tlsFor=tls)
+
+    def test_handshaking(self) -> None:
+        """
+        The stand-in protocol listens for the handshake.
+        """
+        securing: Any = object()
+        self.assertTrue(
+            verifyObject(IHandshakeListener, _Handshaking(securing, Protocol()))
         )
+
+    def test_connectedAtHandshake(self) -> None:
+        """
+        With TLS, the attempt succeeds when the handshake completes, not when TCP
+        connects: the caller's protocol is connected then, over TLS, and the
+        connect time includes the handshake.
+        """
+        pool, reactor = self.tlsPool(9001, 9002)
+        recorder = Recorder()
+        d = pool.connect(Factory.forProtocol(lambda: recorder), b"", Proxy())
+        reactor.advance(0.5)
+        pump = tlsAccept(reactor, self.serverContext())
+        self.assertNoResult(d)
+        self.assertEqual(recorder.made, [])
+        reactor.advance(0.25)
+        pump.flush()
+        connection = connected(d)
+        self.assertIs(connection.protocol, recorder)
+        self.assertEqual(recorder.made, [1.0])
+        self.assertIsInstance(recorder.transport, TLSMemoryBIOProtocol)
+        self.assertEqual(b"".join(recorder.received), b"hello")
+        self.assertEqual(connection.connectTime, 0.75)
+        self.assertIs(connection.sessionReused, False)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertEqual(pool.peers.primary[0].conns, 1)
+
+    def test_plainHasNoSessionFlag(self) -> None:
+        """
+        Without TLS for the peer, C{sessionReused} is L{None}.
+        """
+        pool, reactor = threeServers(tlsFor=lambda peer: None)
+        d = pool.connect(factory(), b"", Proxy())
+        accept(reactor)
+        self.assertIsNone(connected(d).sessionReused)
+
+    def test_sessionReused(self) -> None:
+        """
+        The next connection to the same peer resumes the session the first one
+        kept, and says so; another peer starts afresh.
+        """
+        pool, reactor = self.tlsPool(9001, 9002)
+        server = self.serverContext()
+        results = []
+        for port in (9001, 9002, 9001):
+            d = pool.connect(factory(), b"", Proxy())
+            self.assertEqual(targets(reactor)[-1], port)
+            pump = tlsAccept(reactor, server)
+            pump.flush()
+            connection = connected(d)
+            results.append(connection.sessionReused)
+            connection.protocol.transport.loseConnection()  # type: ignore[attr-defined]
+            pump.flush()
+            connection.release()
+        self.assertEqual(results, [False, False, True])
+
+    def test_verificationFailure(self) -> None:
+        """
+        A refused certificate fails the attempt at that peer: it is counted and
+        logged, the caller's protocol never hears of it, and the next peer is
+        tried.
+        """
+        pool, reactor = self.tlsPool(9001, 9002)
+        recorder = Recorder()
+        d = pool.connect(Factory.forProtocol(lambda: recorder), b"", Proxy())
+        with capturedLogs() as events:
+            tlsAccept(reactor, self.serverContext(trustme.CA())).flush()
+        self.assertEqual(targets(reactor), [9001, 9002])
+        self.assertEqual((recorder.made, recorder.lost), ([], []))
+        first = pool.peers.primary[0]
+        self.assertEqual((first.fails, first.conns), (1, 0))
+        failed = [e for e in events if e.get("peer") == "127.0.0.1:9001"]
+        self.assertEqual(failed[0]["kind"], "untrusted")
+        self.assertIn("verify error", failed[1]["reason"])
+        tlsAccept(reactor, self.serverContext()).flush()
+        connection = connected(d)
+        self.assertEqual(connection.addresses, ["127.0.0.1:9001", "127.0.0.1:9002"])
+        self.assertEqual(connection.connectTimes[0], None)
+
+    def test_allRefused(self) -> None:
+        """
+        When every peer's certificate is refused, the error names why.
+        """
+        pool, reactor = self.tlsPool(9001, 9002, name="backend.example")
+        d = pool.connect(factory(), b"", Proxy())
+        tlsAccept(reactor, self.serverContext()).flush()
+        tlsAccept(reactor, self.serverContext()).flush()
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        self.assertIn(
+            '127.0.0.1:9002 (upstream SSL certificate does not match "backend.example")',
+            str(error),
+        )
+
+    def test_handshakeTimeout(self) -> None:
+        """
+        C{proxy_connect_timeout} covers the handshake: an upstream that accepts
+        TCP but never answers the ClientHello times out at the same deadline,
+        and the next peer is tried.
+        """
+        pool, reactor = self.tlsPool(9001, 9002)
+        d = pool.connect(factory(), b"", Proxy(connectTimeout=3.0))
+        reactor.advance(1.0)
+        transport = accept(reactor)
+        reactor.advance(0)
+        self.assertEqual(transport.value()[:1], b"\x16")
+        with capturedLogs() as events:
+            reactor.advance(1.9)
+            self.assertEqual(targets(reactor), [9001])
+            reactor.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(targets(reactor), [9001, 9002])
+        self.assertEqual(pool.peers.primary[0].fails, 1)
+        self.assertIn("timed out", events[0]["reason"])
+        tlsAccept(reactor, self.serverContext()).flush()
+        self.assertEqual(connected(d).peer, "127.0.0.1:9002")
+
+    def test_closedInHandshake(self) -> None:
+        """
+        An upstream that closes during the handshake fails the attempt, and the
+        session offered to it is forgotten.
+        """
+        pool, reactor = self.tlsPool(9001, 9002)
+        peer = pool.peers.primary[0]
+        peer.session = object()
+        d = pool.connect(factory(), b"", Proxy())
+        host, port, clientFactory, _, _ = reactor.tcpClients[0]
+        protocol = clientFactory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
+        protocol.makeConnection(StringTransport())
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(targets(reactor), [9001, 9002])
+        self.assertIsNone(peer.session)
+        self.assertEqual(peer.fails, 1)
+        d.cancel()
+        error = self.failureResultOf(d, CancelledError)
+        self.assertTrue(error)
+
+    def test_cancelInHandshake(self) -> None:
+        """
+        Cancelling during the handshake aborts the connection and counts no
+        failure.
+        """
+        pool, reactor = self.tlsPool(9001, 9002)
         d = pool.connect(factory(), b"", Proxy())
         transport = accept(reactor)
-        connection = connected(d)
-        self.assertEqual(type(connection.protocol), Protocol)
-        self.assertEqual(transport.value()[:1], b"\x16")
-        self.assertIs(seen[0], pool.peers.primary[0])
-        plain = pool.connect(factory(), b"", Proxy())
-        transport = accept(reactor)
-        self.assertEqual(type(connected(plain).protocol), Protocol)
-        self.assertEqual(transport.value(), b"")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(targets(reactor), [9001])
+        self.assertEqual(
+            [(peer.conns, peer.fails) for peer in pool.peers.primary], [(0, 0)] * 2
+        )
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_singlePeer(self) -> None:
+        """
+        A group of one is not retried after a failed handshake, as after a
+        failed connect.
+        """
+        pool, reactor = self.tlsPool(9001)
+        d = pool.connect(factory(), b"", Proxy())
+        tlsAccept(reactor, self.serverContext(trustme.CA())).flush()
+        self.failureResultOf(d, NoUpstreamAvailable)
+        self.assertEqual(targets(reactor), [9001])
 
     def test_protocolType(self) -> None:
         """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+
 import trustme
 from OpenSSL import SSL
 from twisted.internet.task import Clock

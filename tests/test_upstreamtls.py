@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Any
 
 import trustme
 from cryptography import x509
@@ -27,9 +28,9 @@ from tlsrelay._upstreamtls import (
     sslName,
     tlsForServer,
 )
-from tlsrelay.testing import CertificateFiles, pump, writeCertificates
+from tlsrelay.testing import pump, writeCertificates
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
+NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
 
 
@@ -96,6 +97,10 @@ def handshake(
         pump(client, serverConnection)
         client.recv(1)
         serverConnection.recv(1)
+        # Close as TLSMemoryBIOProtocol does; OpenSSL marks the session of a
+        # connection freed without close_notify as not resumable.
+        client.shutdown()
+        pump(client, serverConnection)
     return serverConnection
 
 
@@ -108,15 +113,9 @@ class Base(SynchronousTestCase):
         self.issued = self.ca.issue_cert("localhost", "127.0.0.1")
         self.peer = peerState()
 
-    def client(
-        self, proxyPassHost: str = "localhost", **settings: object
-    ) -> ClientTLS:
+    def client(self, proxyPassHost: str = "localhost", **settings: Any) -> ClientTLS:
         settings.setdefault("enabled", True)
-        return tlsForServer(
-            UpstreamTLS(**settings),  # type: ignore[arg-type]
-            proxyPassHost,
-            self.where,
-        )
+        return tlsForServer(UpstreamTLS(**settings), proxyPassHost, self.where)
 
     def connect(
         self,
@@ -132,7 +131,7 @@ class Base(SynchronousTestCase):
         client = creator.clientConnectionForTLS(None)  # type: ignore[arg-type]
         return handshake(server, client, exchange), client
 
-    def verifying(self, **settings: object) -> ClientTLS:
+    def verifying(self, **settings: Any) -> ClientTLS:
         settings.setdefault("verify", True)
         settings.setdefault("trustedCertificate", self.files.caFile)
         return self.client(**settings)
@@ -196,7 +195,9 @@ class CreatorTests(Base):
         """
         C{proxy_ssl_conf_command} reaches OpenSSL.
         """
-        tls = self.client(confCommands=(("Ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"),))
+        tls = self.client(
+            confCommands=(("Ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"),)
+        )
         _, client = self.connect(tls, serverContext(self.issued))
         self.assertEqual(client.get_cipher_name(), "TLS_CHACHA20_POLY1305_SHA256")
 
@@ -227,9 +228,10 @@ class ClientCertificateTests(Base):
         certificate = server.get_peer_certificate(as_cryptography=True)
         assert certificate is not None
         self.assertEqual(
-            certificate.subject, x509.load_pem_x509_certificate(
+            certificate.subject,
+            x509.load_pem_x509_certificate(
                 open(self.clientFiles.certificate, "rb").read()
-            ).subject
+            ).subject,
         )
 
     def test_absent(self) -> None:
@@ -280,7 +282,7 @@ class ClientCertificateTests(Base):
 
 
 class ConfigErrorTests(Base):
-    def assertConfigError(self, expected: str, **settings: object) -> None:
+    def assertConfigError(self, expected: str, **settings: Any) -> None:
         error = self.assertRaises(ConfigError, self.client, **settings)
         self.assertEqual((error.file, error.line), (self.where.file, 12))
         self.assertIn(expected, error.message)
@@ -514,9 +516,10 @@ class VerifyTests(Base):
         A resumed session was verified when it was made: resuming logs nothing.
         """
         tls = self.verifying()
-        self.connect(tls, serverContext(self.issued))
+        server = serverContext(self.issued)
+        self.connect(tls, server)
         with capturedLogs() as events:
-            _, client = self.connect(tls, serverContext(self.issued))
+            _, client = self.connect(tls, server)
         self.assertTrue(_openssl.sessionReused(client))
         self.assertEqual(events, [])
 
@@ -571,7 +574,7 @@ class ServerNameTests(Base):
 
 
 class SessionTests(Base):
-    def resumes(self, server: SSL.Context, **settings: object) -> None:
+    def resumes(self, server: SSL.Context, **settings: Any) -> None:
         tls = self.client(**settings)
         _, first = self.connect(tls, server)
         self.assertFalse(_openssl.sessionReused(first))

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 
 from attrs import define, field
-from twisted.logger import Logger
 
+from tlsrelay._log import Logger
 from tlsrelay._variables import Session, Template
 
 BASIC_FORMAT = (

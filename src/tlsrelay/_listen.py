@@ -14,10 +14,10 @@ import socket
 from typing import Any
 
 from twisted.internet.interfaces import IListeningPort, IReactorSocket
-from twisted.logger import Logger
 
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import KeepAlive, Listen
+from tlsrelay._log import Logger
 
 log = Logger()
 

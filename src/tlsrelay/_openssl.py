@@ -66,7 +66,8 @@ from typing import Any, Literal, Protocol
 from attrs import field, frozen
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
-from twisted.logger import Logger
+
+from tlsrelay._log import Logger
 
 __all__ = [
     "DEFAULT_SESSION_ID_CONTEXT",

@@ -144,9 +144,10 @@ def _handshakeReason(reason: Failure) -> str:
     value = reason.value
     if isinstance(value, SSL.Error):
         args = value.args
-        if args and isinstance(args[0], str):
-            return args[0]  # already worded, e.g. a refused certificate
-        if args and isinstance(args[0], list):
+        text = str(value)
+        if not args or text != str(args[0]):
+            return text  # worded by a subclass, e.g. a refused certificate
+        if isinstance(args[0], list):
             parts = [
                 str(part[2])
                 for part in args[0]

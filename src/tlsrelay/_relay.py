@@ -36,7 +36,6 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
-from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -44,6 +43,7 @@ from zope.interface import implementer
 
 from tlsrelay._accesslog import AccessLogWriter
 from tlsrelay._config._model import Proxy
+from tlsrelay._log import Logger
 from tlsrelay._variables import (
     STATUS_BAD_GATEWAY,
     STATUS_BAD_REQUEST,
@@ -436,7 +436,6 @@ class RelayProtocol(Protocol):
         client.producing = False
         self.relayFactory.connections.release()
         self._cancelHandshakeTimer()
-        clean = isinstance(reason.value, ConnectionDone)
         if self.relayFactory.tls and not self._handshakeDone:
             self._handshakeFailed(reason)
         self._closing = True
@@ -822,7 +821,7 @@ class RelayProtocol(Protocol):
         session = self.session
         assert session is not None
         session.endTime = self.relayFactory.now()
-        log.info(
+        log.debug(
             "client {client} closed (connection {connection}): status {status}, "
             "bytes from/to client {bytesReceived}/{bytesSent}, "
             "bytes from/to upstream {upstreamBytesReceived}/{upstreamBytesSent}, "

@@ -1,10 +1,13 @@
 """
 Services built from the configuration model, with an injected reactor.
 
-L{prepare} does everything that can fail before the reactor runs — load certificates,
-build every TLS context, compile every template, open access logs, bind every
-socket — so that a bad configuration stops start-up with one line naming the file and
-line.  L{RelayService} then adopts the bound sockets when it starts.
+L{build} makes a L{Generation} from a configuration — every TLS context, pool,
+template, relay factory and log — and L{bindAll} binds its listeners: everything
+that can fail happens before the reactor runs, so a bad configuration stops
+start-up with one line naming the file and line.  L{RelayService} adopts the sockets
+when it starts, reloads on SIGHUP by building a new generation and swapping the
+factories of its listening ports (established connections keep the old one, so
+nothing is dropped), and drains on shutdown.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from typing import IO, Any
 
 from attrs import define, field
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
-    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
@@ -33,11 +35,13 @@ from tlsrelay._accesslog import AccessLogFiles
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import (
     Config,
+    Listen,
     StreamServer,
     UpstreamGroup,
     UpstreamServer,
 )
 from tlsrelay._listen import BoundListener, bindSocket
+from tlsrelay._log import Logger
 from tlsrelay._pool import UpstreamPool
 from tlsrelay._relay import RelayFactory, WorkerConnections
 from tlsrelay._tls import ServerContextFactory, buildServerContext
@@ -45,7 +49,7 @@ from tlsrelay._variables import compileTemplate
 
 log = Logger()
 
-_LEVELS = {
+LEVELS = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
     "notice": LogLevel.info,
@@ -90,24 +94,21 @@ def buildContexts(config: Config) -> dict[int, ServerContextFactory]:
 
 
 @define
-class Prepared:
+class Generation:
     """
-    Everything start-up made from a configuration, before the reactor runs.
+    What one configuration makes: a relay factory per C{listen}, the pools, the
+    error-log observers.  Sockets are not part of it, so a reload can keep them.
     """
 
     config: Config
-    listeners: list[tuple[BoundListener, IProtocolFactory]]
+    factories: list[tuple[Listen, IProtocolFactory]]
     pools: list[UpstreamPool]
-    accessLogs: AccessLogFiles
     errorLogs: list[tuple[IO[str], ILogObserver]] = field(factory=list)
 
-    def close(self) -> None:
-        """
-        Release what was opened when start-up stops before the service runs.
-        """
-        for listener, _ in self.listeners:
-            listener.close()
-        self.accessLogs.close()
+    def closeErrorLogs(self) -> None:
+        for stream, _ in self.errorLogs:
+            if stream is not sys.stderr:
+                stream.close()
 
 
 def openErrorLogs(config: Config) -> list[tuple[IO[str], ILogObserver]]:
@@ -127,71 +128,95 @@ def openErrorLogs(config: Config) -> list[tuple[IO[str], ILogObserver]]:
                     f"failed ({e.errno}: {e.strerror})",
                     config.path,
                 ) from None
-        predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[errorLog.level])
+        predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[errorLog.level])
         observers.append(
             (stream, FilteringLogObserver(textFileLogObserver(stream), [predicate]))
         )
     return observers
 
 
-def prepare(
+def build(
     config: Config,
     reactor: Any,
+    accessLogs: AccessLogFiles,
+    connections: WorkerConnections,
     randomSource: random.Random | None = None,
-    bind: Callable[..., Any] = bindSocket,
-) -> Prepared:
+) -> Generation:
     """
-    Build contexts, pools, relay factories and access logs, and bind every listener.
+    Build contexts, pools, relay factories and logs for C{config}; open the access
+    logs it names (in C{accessLogs}, shared across reloads).
     """
     contexts = buildContexts(config)
     rng = randomSource if randomSource is not None else random.SystemRandom()
-    prepared = Prepared(config, [], [], AccessLogFiles())
-    connections = WorkerConnections(config.workerConnections)
-    try:
-        for index, server in enumerate(config.servers):
-            accessLogs = []
-            for accessLog in server.accessLogs:
-                assert accessLog.path is not None
-                writer = prepared.accessLogs.writerFor(accessLog.path)
-                accessLogs.append((writer, compileTemplate(accessLog.format)))
-            connect = None
-            hashKey = None
-            if server.proxyPass is not None:
-                group = groupFor(server, config)
-                pool = UpstreamPool(group, reactor, rng)
-                prepared.pools.append(pool)
-                connect = _connector(pool, server)
-                if group.balancer.method == "hash":
-                    hashKey = compileTemplate(group.balancer.key)
-            returnTemplate = (
-                compileTemplate(server.returnValue)
-                if server.returnValue is not None
-                else None
+    generation = Generation(config, [], [])
+    for index, server in enumerate(config.servers):
+        templates = []
+        for accessLog in server.accessLogs:
+            assert accessLog.path is not None
+            writer = accessLogs.writerFor(accessLog.path)
+            templates.append((writer, compileTemplate(accessLog.format)))
+        connect = None
+        hashKey = None
+        if server.proxyPass is not None:
+            group = groupFor(server, config)
+            pool = UpstreamPool(group, reactor, rng)
+            generation.pools.append(pool)
+            connect = _connector(pool, server)
+            if group.balancer.method == "hash":
+                hashKey = compileTemplate(group.balancer.key)
+        returnTemplate = (
+            compileTemplate(server.returnValue)
+            if server.returnValue is not None
+            else None
+        )
+        for listen in server.listens:
+            factory: IProtocolFactory = RelayFactory(
+                connectUpstream=connect,
+                proxy=server.proxy,
+                tls=listen.ssl,
+                handshakeTimeout=server.tls.handshakeTimeout,
+                clock=reactor,
+                now=reactor.seconds,
+                connections=connections,
+                accessLogs=templates,
+                returnTemplate=returnTemplate,
+                hashKey=hashKey,
             )
-            for listen in server.listens:
-                factory: IProtocolFactory = RelayFactory(
-                    connectUpstream=connect,
-                    proxy=server.proxy,
-                    tls=listen.ssl,
-                    handshakeTimeout=server.tls.handshakeTimeout,
-                    clock=reactor,
-                    now=reactor.seconds,
-                    accessLogs=accessLogs,
-                    returnTemplate=returnTemplate,
-                    connections=connections,
-                    hashKey=hashKey,
-                )
-                if listen.ssl:
-                    factory = TLSMemoryBIOFactory(contexts[index], False, factory)
-                prepared.listeners.append(
-                    (BoundListener(listen, bind(listen)), factory)
-                )
-        _openAccessLogs(prepared.accessLogs, config)
-        prepared.errorLogs = openErrorLogs(config)
+            if listen.ssl:
+                factory = TLSMemoryBIOFactory(contexts[index], False, factory)
+            generation.factories.append((listen, factory))
+    _openAccessLogs(accessLogs, config)
+    generation.errorLogs = openErrorLogs(config)
+    return generation
+
+
+def listenKey(listen: Listen) -> str:
+    """
+    What identifies a listening socket across reloads.
+    """
+    return str(listen.address)
+
+
+def bindAll(
+    generation: Generation,
+    bound: dict[str, BoundListener],
+    bind: Callable[[Listen], Any] = bindSocket,
+) -> dict[str, BoundListener]:
+    """
+    Bind every listener of C{generation} not already in C{bound}; on failure close
+    what this call bound and raise the L{ConfigError}.
+    """
+    new: dict[str, BoundListener] = {}
+    try:
+        for listen, _ in generation.factories:
+            key = listenKey(listen)
+            if key not in bound and key not in new:
+                new[key] = BoundListener(listen, bind(listen))
     except BaseException:
-        prepared.close()
+        for listener in new.values():
+            listener.close()
         raise
-    return prepared
+    return new
 
 
 def _openAccessLogs(files: AccessLogFiles, config: Config) -> None:
@@ -216,41 +241,177 @@ def _connector(pool: UpstreamPool, server: StreamServer) -> Any:
 
 class RelayService(MultiService):
     """
-    Runs a prepared configuration: error logs, upstream name resolution, listeners.
+    Runs one generation at a time: error logs, upstream name resolution,
+    listeners; reload and drain.
+
+    @ivar drainTimeout: how long shutdown waits for open connections
+        (C{worker_shutdown_timeout}).
     """
 
-    def __init__(self, prepared: Prepared, reactor: Any) -> None:
+    drainTimeout = 30.0
+
+    def __init__(
+        self,
+        generation: Generation,
+        listeners: dict[str, BoundListener],
+        reactor: Any,
+        accessLogs: AccessLogFiles,
+        connections: WorkerConnections,
+        bind: Callable[[Listen], Any] = bindSocket,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.prepared = prepared
+        self.generation = generation
+        self.listeners = listeners
         self.reactor = reactor
-        self.ports: list[IListeningPort] = []
+        self.accessLogs = accessLogs
+        self.connections = connections
+        self.bind = bind
+        self.ports: dict[str, IListeningPort] = {}
+        self.reloading: Deferred[bool] | None = None
 
     def startService(self) -> None:
-        for _, observer in self.prepared.errorLogs:
-            globalLogPublisher.addObserver(observer)
+        self._observe(self.generation)
         super().startService()  # type: ignore[no-untyped-call]
-        resolving = [pool.resolveAll() for pool in self.prepared.pools]
-
-        def listen(_: object) -> None:
-            for listener, factory in self.prepared.listeners:
-                self.ports.append(listener.startListening(self.reactor, factory))
-
-        DeferredList(resolving, fireOnOneErrback=True, consumeErrors=True).addCallback(
-            listen
+        self._resolve(self.generation).addCallback(
+            lambda _: self._listen(self.generation)
         ).addErrback(self._failed)
+
+    def _observe(self, generation: Generation) -> None:
+        for _, observer in generation.errorLogs:
+            globalLogPublisher.addObserver(observer)
+
+    def _unobserve(self, generation: Generation) -> None:
+        for _, observer in generation.errorLogs:
+            globalLogPublisher.removeObserver(observer)
+        generation.closeErrorLogs()
+
+    def _resolve(self, generation: Generation) -> Deferred[Any]:
+        resolving = [pool.resolveAll() for pool in generation.pools]
+        return DeferredList(resolving, fireOnOneErrback=True, consumeErrors=True)
+
+    def _listen(self, generation: Generation) -> None:
+        """
+        Adopt new sockets, swap factories on kept ones, stop listening on removed
+        ones.
+        """
+        wanted = {
+            listenKey(listen): factory for listen, factory in generation.factories
+        }
+        for key, factory in wanted.items():
+            port = self.ports.get(key)
+            if port is None:
+                self.ports[key] = self.listeners[key].startListening(
+                    self.reactor, factory
+                )
+            else:
+                old = port.factory  # type: ignore[attr-defined]
+                factory.doStart()
+                port.factory = factory  # type: ignore[attr-defined]
+                old.doStop()
+        for key in list(self.ports):
+            if key not in wanted:
+                log.info("no longer listening on {address}", address=key)
+                self.ports.pop(key).stopListening()
+                self.listeners.pop(key, None)
 
     def _failed(self, failure: Any) -> None:
         log.critical("start-up failed: {error}", error=failure.getErrorMessage())
         self.reactor.stop()
 
-    def stopService(self) -> Deferred[None] | None:
-        waiting = [port.stopListening() for port in self.ports]
-        self.ports = []
+    def reload(self) -> Deferred[bool]:
+        """
+        Load the configuration file again and switch to it; on any error, log it
+        and keep the running configuration.  Fires with whether it switched.
+        """
+        if self.reloading is not None:
+            return self.reloading
+        from tlsrelay._config._load import loadConfig
+
+        path = self.generation.config.path
+        log.info("reloading {path}", path=path)
+        try:
+            config = loadConfig(path)
+            generation = build(config, self.reactor, self.accessLogs, self.connections)
+            new = bindAll(generation, self.listeners, self.bind)
+        except ConfigError as e:
+            log.error(
+                "reload failed, keeping the running configuration: {error}",
+                error=str(e),
+            )
+            return succeed(False)
+        self.connections.limit = config.workerConnections
+
+        def switch(_: object) -> bool:
+            self.listeners.update(new)
+            old, self.generation = self.generation, generation
+            self._observe(generation)
+            self._listen(generation)
+            self._unobserve(old)
+            self.accessLogs.reopen()
+            log.info("reloaded {path}", path=path)
+            return True
+
+        def failed(failure: Any) -> bool:
+            for listener in new.values():
+                listener.close()
+            generation.closeErrorLogs()
+            log.error(
+                "reload failed, keeping the running configuration: {error}",
+                error=failure.getErrorMessage(),
+            )
+            return False
+
+        switching = self._resolve(generation).addCallbacks(switch, failed)
+        if not switching.called:
+            self.reloading = switching
+
+            def done(result: bool) -> bool:
+                self.reloading = None
+                return result
+
+            switching.addBoth(done)
+        return switching
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting, then wait for open connections to finish, at most
+        L{drainTimeout} seconds.
+        """
+        waiting = [port.stopListening() for port in self.ports.values()]
+        self.ports = {}
         super().stopService()  # type: ignore[no-untyped-call]
-        self.prepared.accessLogs.close()
-        for stream, observer in self.prepared.errorLogs:
-            globalLogPublisher.removeObserver(observer)
-            if stream is not sys.stderr:
-                stream.close()
-        d: Deferred[Any] = DeferredList([w for w in waiting if w is not None])
-        return d.addCallback(lambda _: None)
+        stopped: Deferred[Any] = DeferredList([w for w in waiting if w is not None])
+        return stopped.addCallback(lambda _: self._drain()).addCallback(
+            lambda _: self._closeLogs()
+        )
+
+    def _drain(self) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        if self.connections.active <= 0:
+            done.callback(None)
+            return done
+        log.info(
+            "draining {count} connections (at most {timeout}s)",
+            count=self.connections.active,
+            timeout=self.drainTimeout,
+        )
+        deadline = self.reactor.seconds() + self.drainTimeout
+
+        def check() -> None:
+            if self.connections.active <= 0:
+                done.callback(None)
+            elif self.reactor.seconds() >= deadline:
+                log.warn(
+                    "drain timeout: closing {count} connections",
+                    count=self.connections.active,
+                )
+                done.callback(None)
+            else:
+                self.reactor.callLater(0.1, check)
+
+        check()
+        return done
+
+    def _closeLogs(self) -> None:
+        self.accessLogs.close()
+        self._unobserve(self.generation)

@@ -11,21 +11,21 @@ inside an OpenSSL callback.
 from __future__ import annotations
 
 import hashlib
-from weakref import WeakKeyDictionary
 from collections.abc import Iterable, Sequence
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from tlsrelay import _openssl
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import CertificatePair, ServerTLS, Where
+from tlsrelay._log import Logger
 
 log = Logger()
 
@@ -183,10 +183,11 @@ def setProtocols(
     offered, problems = offeredProtocols(listed, _openssl.getSecurityLevel(context))
     if problems:
         log.warn(
-            "{directive}: {problems}; offering {offered} ({where})",
+            "{directive}: {problems}; offering {offered}{at}",
             directive=directive,
             problems="; ".join(problems),
             offered=" ".join(offered) or "nothing",
+            at=f" in {where}" if where is not None else "",
             where=where,
         )
     if not offered:

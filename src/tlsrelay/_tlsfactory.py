@@ -21,9 +21,10 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+
+from tlsrelay._log import Logger
 
 log = Logger()
 

@@ -87,17 +87,23 @@ _FAILURES: dict[int, VerifyFailure] = {
 
 class UpstreamVerificationError(SSL.Error):
     """
-    The upstream's certificate was refused; the message says why, as nginx
-    words it (C{upstream SSL certificate verify error: (10:certificate has
-    expired)}).
+    The upstream's certificate was refused; C{str()} says why, as nginx words it
+    (C{upstream SSL certificate verify error: (10:certificate has expired)}).
+    C{args} keep OpenSSL's error queue, as Twisted's TLS layer expects of an
+    L{SSL.Error}.
 
     @ivar kind: what is wrong, for operators: C{"untrusted"}, C{"expired"},
         C{"name mismatch"}, C{"chain too long"}, ...
+    @ivar message: the reason.
     """
 
-    def __init__(self, message: str, kind: VerifyFailure) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, kind: VerifyFailure, queue: object = ()) -> None:
+        super().__init__(list(queue) if isinstance(queue, list) else [])
+        self.message = message
         self.kind = kind
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def sslName(proxyPassHost: str, name: str | None = None) -> str:
@@ -191,8 +197,12 @@ class _UpstreamConnection(SSL.Connection):
             attempt = self.attempt
             if type(e) is not SSL.Error or attempt is None:
                 raise
-            if attempt.failure is not None:
-                raise attempt.failure from e
+            failure = attempt.failure
+            if failure is not None:
+                queue = e.args[0] if e.args else []
+                raise UpstreamVerificationError(
+                    failure.message, failure.kind, queue
+                ) from e
             raise
 
 
@@ -274,8 +284,9 @@ class ClientTLS:
             attempt.failure = UpstreamVerificationError(message, kind)
             log.warn(
                 "{error} while SSL handshaking to upstream {peer} of {upstream}"
-                " ({kind}: {detail}; certificate {subject} at depth {depth})",
+                " ({kind}{more}; certificate {subject} at depth {depth})",
                 error=message,
+                more="" if detail in message else f": {detail}",
                 kind=kind,
                 detail=detail,
                 code=code,

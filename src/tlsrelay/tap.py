@@ -4,6 +4,8 @@ The twistd plugin: C{twistd -n tlsrelay --config relay.conf [--check]}.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Any, cast
 
@@ -22,6 +24,14 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "The configuration file (nginx syntax)."],
+        [
+            "signal",
+            "s",
+            None,
+            "Send a signal to the running tlsrelay named by the config's pid file "
+            "(or --pidfile) and exit: reload (SIGHUP), stop (SIGTERM), reopen "
+            "(SIGUSR1).",
+        ],
     ]
     optFlags = [
         [
@@ -37,6 +47,31 @@ class Options(usage.Options):
         if self["version"]:
             sys.stdout.write(f"tlsrelay {__version__.public()}\n")
             raise SystemExit(0)
+        if self["signal"] is not None and self["signal"] not in SIGNALS:
+            raise usage.UsageError(
+                f"--signal must be one of {', '.join(SIGNALS)}, not {self['signal']!r}"
+            )
+
+
+SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM, "reopen": signal.SIGUSR1}
+
+
+def sendSignal(options: Options, pidFile: str | None) -> None:
+    """
+    C{--signal}: signal the process in the pid file, like C{nginx -s reload}.
+    """
+    if not pidFile:
+        raise _fail('no pid file: set "pid" in the configuration or --pidfile')
+    try:
+        with open(pidFile) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise _fail(f'cannot read pid file "{pidFile}": {e}') from None
+    try:
+        os.kill(pid, SIGNALS[options["signal"]])
+    except OSError as e:
+        raise _fail(f"cannot signal process {pid}: {e.strerror}") from None
+    raise SystemExit(0)
 
 
 def _fail(message: str) -> SystemExit:
@@ -58,10 +93,12 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
+    from tlsrelay._accesslog import AccessLogFiles
     from tlsrelay._config._errors import ConfigError
     from tlsrelay._config._load import loadConfig
     from tlsrelay._describe import describe
-    from tlsrelay._service import RelayService, buildContexts, prepare
+    from tlsrelay._relay import WorkerConnections
+    from tlsrelay._service import RelayService, bindAll, build, buildContexts
 
     top = MultiService()
     path = options["config"]
@@ -89,15 +126,61 @@ def makeService(options: Options) -> IService:
 
     try:
         config = loadConfig(path)
-        prepared = prepare(config, reactor)
     except ConfigError as e:
         raise _fail(str(e)) from None
-
     parent = getattr(options, "parent", None)
+    if options["signal"] is not None:
+        pidFile = config.pidFile or (parent["pidfile"] if parent is not None else None)
+        sendSignal(options, pidFile)
+
+    setLogLevel(config)
+    accessLogs = AccessLogFiles()
+    connections = WorkerConnections(config.workerConnections)
+    try:
+        generation = build(config, reactor, accessLogs, connections)
+        listeners = bindAll(generation, {})
+    except ConfigError as e:
+        accessLogs.close()
+        raise _fail(str(e)) from None
+
     if parent is not None:
         if not config.daemon:
             parent["nodaemon"] = True
         if config.pidFile is not None:
             parent["pidfile"] = config.pidFile
-    RelayService(prepared, reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
+    relay = RelayService(generation, listeners, reactor, accessLogs, connections)
+    relay.drainTimeout = config.shutdownTimeout
+    relay.setServiceParent(top)  # type: ignore[no-untyped-call]
+    installSignals(reactor, relay, accessLogs)
     return top
+
+
+def setLogLevel(config: Any) -> None:
+    """
+    Emit tlsrelay's events down to the most verbose C{error_log} level (C{info}
+    when none is configured; per-connection events are C{debug}).
+    """
+    from tlsrelay._log import setLevel
+    from tlsrelay._service import LEVELS
+
+    levels = [LEVELS[e.level] for e in config.errorLogs] or [LEVELS["info"]]
+    setLevel(min(levels, key=lambda level: LEVEL_ORDER.index(level.name)))
+
+
+LEVEL_ORDER = ["debug", "info", "warn", "error", "critical"]
+
+
+def installSignals(reactor: Any, relay: Any, accessLogs: Any) -> None:
+    """
+    SIGHUP reloads the configuration; SIGUSR1 reopens the log files (as nginx).
+    The handlers only schedule work on the reactor.
+    """
+
+    def onHangup(signum: int, frame: object) -> None:
+        reactor.callFromThread(relay.reload)
+
+    def onUser1(signum: int, frame: object) -> None:
+        reactor.callFromThread(accessLogs.reopen)
+
+    signal.signal(signal.SIGHUP, onHangup)
+    signal.signal(signal.SIGUSR1, onUser1)

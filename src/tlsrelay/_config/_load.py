@@ -152,6 +152,7 @@ def buildConfig(tree: Iterable[Directive], path: str) -> Config:
         daemon=main.get("daemon", True),
         workerProcesses=main.get("workerProcesses", 1),
         workerConnections=main.get("workerConnections", 512),
+        shutdownTimeout=main.get("shutdownTimeout", 30.0),
         upstreams=tuple(upstreams),
         servers=tuple(servers),
         logFormats=tuple(logFormats.items()),

@@ -317,6 +317,7 @@ class Config:
     daemon: bool = True
     workerProcesses: int = 1
     workerConnections: int = 512
+    shutdownTimeout: float = 30.0
     upstreams: tuple[UpstreamGroup, ...] = ()
     servers: tuple[StreamServer, ...] = ()
     logFormats: tuple[tuple[str, str], ...] = ()
