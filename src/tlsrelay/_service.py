@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from attrs import define, field
@@ -197,18 +197,25 @@ def listenKey(listen: Listen) -> str:
     return str(listen.address)
 
 
+def configListens(config: Config) -> list[Listen]:
+    """
+    Every C{listen} of the configuration.
+    """
+    return [listen for server in config.servers for listen in server.listens]
+
+
 def bindAll(
-    generation: Generation,
+    listens: Iterable[Listen],
     bound: dict[str, BoundListener],
     bind: Callable[[Listen], Any] = bindSocket,
 ) -> dict[str, BoundListener]:
     """
-    Bind every listener of C{generation} not already in C{bound}; on failure close
-    what this call bound and raise the L{ConfigError}.
+    Bind every listener not already in C{bound}; on failure close what this call
+    bound and raise the L{ConfigError}.
     """
     new: dict[str, BoundListener] = {}
     try:
-        for listen, _ in generation.factories:
+        for listen in listens:
             key = listenKey(listen)
             if key not in bound and key not in new:
                 new[key] = BoundListener(listen, bind(listen))
@@ -332,7 +339,7 @@ class RelayService(MultiService):
         try:
             config = loadConfig(path)
             generation = build(config, self.reactor, self.accessLogs, self.connections)
-            new = bindAll(generation, self.listeners, self.bind)
+            new = bindAll(configListens(config), self.listeners, self.bind)
         except ConfigError as e:
             log.error(
                 "reload failed, keeping the running configuration: {error}",

@@ -98,7 +98,14 @@ def makeService(options: Options) -> IService:
     from tlsrelay._config._load import loadConfig
     from tlsrelay._describe import describe
     from tlsrelay._relay import WorkerConnections
-    from tlsrelay._service import RelayService, bindAll, build, buildContexts
+    from tlsrelay._service import (
+        RelayService,
+        bindAll,
+        build,
+        buildContexts,
+        configListens,
+    )
+    from tlsrelay._workers import WorkerSupervisor
 
     top = MultiService()
     path = options["config"]
@@ -138,7 +145,7 @@ def makeService(options: Options) -> IService:
     connections = WorkerConnections(config.workerConnections)
     try:
         generation = build(config, reactor, accessLogs, connections)
-        listeners = bindAll(generation, {})
+        listeners = bindAll(configListens(config), {})
     except ConfigError as e:
         accessLogs.close()
         raise _fail(str(e)) from None
@@ -148,11 +155,36 @@ def makeService(options: Options) -> IService:
             parent["nodaemon"] = True
         if config.pidFile is not None:
             parent["pidfile"] = config.pidFile
-    relay = RelayService(generation, listeners, reactor, accessLogs, connections)
-    relay.drainTimeout = config.shutdownTimeout
+    relay: Any
+    if config.workerProcesses > 1:
+        # The master only validates, binds and supervises; workers relay.
+        generation.closeErrorLogs()
+        accessLogs.close()
+        relay = WorkerSupervisor(config, listeners, reactor, _validate, _bindNew)
+    else:
+        relay = RelayService(generation, listeners, reactor, accessLogs, connections)
+        relay.drainTimeout = config.shutdownTimeout
     relay.setServiceParent(top)  # type: ignore[no-untyped-call]
     installSignals(reactor, relay, accessLogs)
     return top
+
+
+def _validate(path: str) -> Any:
+    """
+    Load a configuration and build its TLS contexts (what a worker will do).
+    """
+    from tlsrelay._config._load import loadConfig
+    from tlsrelay._service import buildContexts
+
+    config = loadConfig(path)
+    buildContexts(config)
+    return config
+
+
+def _bindNew(config: Any, bound: Any) -> Any:
+    from tlsrelay._service import bindAll, configListens
+
+    return bindAll(configListens(config), bound)
 
 
 def setLogLevel(config: Any) -> None:

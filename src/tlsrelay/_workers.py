@@ -1,0 +1,234 @@
+"""
+C{worker_processes N}: a master process that binds every listening socket and
+supervises N worker processes that share them.
+
+Each worker is C{python -m tlsrelay._worker}: it inherits the bound sockets, loads
+the configuration and runs the same L{RelayService} a single process runs.  The
+master restarts a worker that dies; on SIGHUP it validates the new configuration,
+binds any new address, starts a new generation of workers and tells the old one to
+drain (SIGTERM: stop accepting, finish connections up to C{worker_shutdown_timeout})
+— the nginx model, so no established connection is dropped.  A configuration that
+fails to load is reported and the running workers stay.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from tlsrelay._config._errors import ConfigError
+from tlsrelay._config._model import Config
+from tlsrelay._listen import BoundListener
+from tlsrelay._log import Logger
+
+log = Logger()
+
+RESPAWN_DELAY = 1.0
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, worker: Worker) -> None:
+        self.supervisor = supervisor
+        self.worker = worker
+
+    def processEnded(self, reason: Failure) -> None:
+        self.supervisor.workerEnded(self.worker, reason)
+
+
+@define(eq=False)
+class Worker:
+    """
+    One worker process of one generation.
+    """
+
+    generation: int
+    slot: int
+    process: Any = None
+    pid: int = 0
+    ended: Deferred[None] = field(factory=Deferred)
+    stopping: bool = False
+
+
+def workerCommand(
+    config: Config, fds: dict[str, int], environ: dict[str, str]
+) -> list[str]:
+    """
+    The command line of a worker: the configuration and which inherited
+    descriptor is which C{listen} address.
+    """
+    args = [sys.executable, "-m", "tlsrelay._worker", "--config", config.path]
+    for key, fd in sorted(fds.items()):
+        args += ["--listen-fd", f"{fd}={key}"]
+    return args
+
+
+class WorkerSupervisor(Service):
+    """
+    Starts, restarts, reloads and stops the workers.
+
+    @ivar listeners: the bound sockets, by C{listen} address; kept open here so a
+        restarted worker can inherit them.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: dict[str, BoundListener],
+        reactor: Any,
+        load: Callable[[str], Config],
+        bindNew: Callable[[Config, dict[str, BoundListener]], dict[str, BoundListener]],
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.reactor = reactor
+        self.load = load
+        self.bindNew = bindNew
+        self.environ = dict(os.environ if environ is None else environ)
+        self.generation = 0
+        self.workers: list[Worker] = []
+        self.stopping = False
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        log.info("starting {count} worker processes", count=self.config.workerProcesses)
+        self._startGeneration()
+
+    def _startGeneration(self) -> None:
+        self.generation += 1
+        for slot in range(self.config.workerProcesses):
+            self._spawn(Worker(self.generation, slot))
+
+    def _spawn(self, worker: Worker) -> None:
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        fds: dict[str, int] = {}
+        for number, (key, listener) in enumerate(sorted(self.listeners.items()), 3):
+            childFDs[number] = listener.socket.fileno()
+            fds[key] = number
+        worker.process = self.reactor.spawnProcess(
+            _WorkerProtocol(self, worker),
+            sys.executable,
+            workerCommand(self.config, fds, self.environ),
+            env=self.environ,
+            childFDs=childFDs,
+        )
+        worker.pid = worker.process.pid
+        self.workers.append(worker)
+        log.info(
+            "worker {pid} started (generation {generation}, slot {slot})",
+            pid=worker.pid,
+            generation=worker.generation,
+            slot=worker.slot,
+        )
+
+    def workerEnded(self, worker: Worker, reason: Failure) -> None:
+        """
+        A worker exited: restart it unless it was told to stop.
+        """
+        self.workers.remove(worker)
+        clean = isinstance(reason.value, ProcessDone)
+        code = (
+            reason.value.exitCode if isinstance(reason.value, ProcessTerminated) else 0
+        )
+        worker.ended.callback(None)
+        if worker.stopping or self.stopping:
+            log.info("worker {pid} exited", pid=worker.pid)
+            return
+        log.warn(
+            "worker {pid} died ({reason}); restarting it",
+            pid=worker.pid,
+            reason="exit 0" if clean else f"exit {code}" if code else str(reason.value),
+        )
+        if worker.generation == self.generation:
+            self.reactor.callLater(
+                RESPAWN_DELAY, self._respawn, Worker(worker.generation, worker.slot)
+            )
+
+    def _respawn(self, worker: Worker) -> None:
+        if not self.stopping and worker.generation == self.generation:
+            self._spawn(worker)
+
+    def reload(self) -> Deferred[bool]:
+        """
+        Validate the configuration file; when it loads, start a new generation of
+        workers and drain the old one.
+        """
+        path = self.config.path
+        log.info("reloading {path}", path=path)
+        try:
+            config = self.load(path)
+            new = self.bindNew(config, self.listeners)
+        except ConfigError as e:
+            log.error(
+                "reload failed, keeping the running configuration: {error}",
+                error=str(e),
+            )
+            return succeed(False)
+        wanted = {
+            str(listen.address)
+            for server in config.servers
+            for listen in server.listens
+        }
+        removed = [key for key in self.listeners if key not in wanted]
+        self.listeners.update(new)
+        old = list(self.workers)
+        self.config = config
+        for key in removed:
+            self.listeners[key].socket.close()
+            del self.listeners[key]
+        self._startGeneration()
+        self._stopWorkers(old)
+        log.info("reloaded {path}", path=path)
+        return succeed(True)
+
+    def _stopWorkers(self, workers: list[Worker]) -> Deferred[Any]:
+        for worker in workers:
+            worker.stopping = True
+            try:
+                worker.process.signalProcess("TERM")
+            except Exception:
+                pass  # already gone
+        return DeferredList([w.ended for w in workers])
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Tell every worker to drain; kill those still running after the drain
+        timeout and a grace period.
+        """
+        self.stopping = True
+        super().stopService()  # type: ignore[no-untyped-call]
+        workers = list(self.workers)
+        stopped = self._stopWorkers(workers)
+        killer = self.reactor.callLater(
+            self.config.shutdownTimeout + 5, self._kill, workers
+        )
+
+        def done(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            for listener in self.listeners.values():
+                listener.socket.close()
+            return result
+
+        return stopped.addBoth(done)
+
+    def _kill(self, workers: list[Worker]) -> None:
+        for worker in workers:
+            if not worker.ended.called:
+                log.warn(
+                    "worker {pid} did not drain in time: killing it",
+                    pid=worker.pid,
+                )
+                try:
+                    worker.process.signalProcess("KILL")
+                except Exception:
+                    pass
