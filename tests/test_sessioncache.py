@@ -5,17 +5,23 @@ Tests for L{tlsrelay._sessioncache}: the C{shared:NAME:SIZE} session cache.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+import subprocess
+import sys
 
 import trustme
 from OpenSSL import SSL
+from twisted.application.service import IService
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from tlsrelay._openssl import SessionStore, installSessionStore, sessionReused
 from tlsrelay._sessioncache import (
     MAX_SESSION_SIZE,
+    CheckpointService,
     SharedSessionCache,
     cachePath,
     capacityForSize,
@@ -261,11 +267,88 @@ class SharingTests(CacheTestCase):
         self.assertIn(path, str(error))
         self.assertIn("not a database", str(error))
 
+    def test_otherProcess(self) -> None:
+        """
+        A session stored by another process is seen here, and the other way
+        round.
+        """
+        first = self.create(capacity=4)
+        first.put(sessionId(1), b"from the parent", 300)
+        script = (
+            "import sys\n"
+            "from tlsrelay._sessioncache import SharedSessionCache\n"
+            "cache = SharedSessionCache.open(sys.argv[1], now=lambda: 1000.0)\n"
+            "assert cache.get((1).to_bytes(32, 'big')) == b'from the parent'\n"
+            "cache.put((2).to_bytes(32, 'big'), b'from the child', 300)\n"
+        )
+        subprocess.run(
+            [sys.executable, "-c", script, first.path], check=True, timeout=60
+        )
+        self.assertEqual(first.get(sessionId(2)), b"from the child")
+
+    def test_openNotOurs(self) -> None:
+        """
+        An SQLite database that is not a session cache is refused.
+        """
+        path = os.path.join(self.directory, "other.sqlite")
+        connection = sqlite3.connect(path)
+        connection.execute("CREATE TABLE t (x)")
+        connection.close()
+        error = self.assertRaises(
+            ValueError, SharedSessionCache.open, path, now=self.clock.seconds
+        )
+        self.assertIn(f'"{path}" is not a tlsrelay session cache', str(error))
+
     def test_unlink(self) -> None:
         cache = self.create()
         cache.put(sessionId(1), b"x", 300)
         cache.unlink()
         self.assertEqual(os.listdir(self.directory), [])
+
+
+class CheckpointTests(CacheTestCase):
+    def test_checkpoint(self) -> None:
+        """
+        A checkpoint moves the write-ahead log into the database; the sessions
+        stay.
+        """
+        cache = self.create()
+        cache.put(sessionId(1), b"x", 300)
+        self.assertGreater(os.path.getsize(cache.path + "-wal"), 0)
+        cache.checkpoint()
+        self.assertEqual(cache.get(sessionId(1)), b"x")
+        reader = sqlite3.connect(cache.path)
+        self.addCleanup(reader.close)
+        (busy, frames, done) = reader.execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        ).fetchone()
+        self.assertEqual((busy, frames), (0, done))
+
+    def test_service(self) -> None:
+        """
+        The service checkpoints on the clock until stopped.
+        """
+        calls: list[None] = []
+
+        class Cache:
+            def checkpoint(self) -> None:
+                calls.append(None)
+
+        service = CheckpointService(Cache(), self.clock, 1.0)
+        self.assertTrue(verifyObject(IService, service))
+        service.startService()
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(len(calls), 2)
+        service.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_checkpointNeverRaises(self) -> None:
+        cache = self.create()
+        cache.close()
+        with capturedLogs() as events:
+            cache.checkpoint()
+        self.assertEqual(len(events), 1)
 
 
 class FailureTests(CacheTestCase):

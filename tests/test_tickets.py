@@ -28,6 +28,7 @@ from tlsrelay._tickets import (
     KeyState,
     ScheduledKey,
     TicketKeyRotationService,
+    ticketKeyDirectory,
 )
 from tlsrelay.testing import memoryHandshake
 
@@ -723,6 +724,24 @@ class PublishTests(RotationTestCase):
         self.assertEqual(worker.keys(), (key(3), (key(1),)))
         self.assertEqual(master.keys(), (key(3), (key(1),)))
 
+    def test_directoryNames(self) -> None:
+        """
+        A key set's directory is named by the configuration alone: the files,
+        or the lifetime and interval of generated keys.
+        """
+        base = "/dev/shm/tlsrelay-x"
+        files = ticketKeyDirectory(base, ["/a.key", "/b.key"], 300)
+        self.assertEqual(os.path.dirname(files), base)
+        self.assertEqual(files, ticketKeyDirectory(base, ["/a.key", "/b.key"], 60))
+        names = {
+            files,
+            ticketKeyDirectory(base, ["/b.key", "/a.key"], 300),
+            ticketKeyDirectory(base, [], 300),
+            ticketKeyDirectory(base, [], 300, 100),
+            ticketKeyDirectory(base, [], 600),
+        }
+        self.assertEqual(len(names), 5)
+
     def test_workerWithoutKeys(self) -> None:
         error = self.assertRaises(
             ValueError,
@@ -744,6 +763,30 @@ class PublishTests(RotationTestCase):
         self.assertEqual(worker.keys(), master.keys())
         [error] = events
         self.assertEqual(error["log_level"], LogLevel.error)
+
+    def test_marginTooShort(self) -> None:
+        """
+        With workers, a staging margin they may not notice in time is refused.
+        """
+        error = self.assertRaises(
+            ValueError,
+            TicketKeyRotationService.generating,
+            clock=self.clock,
+            randomBytes=os.urandom,
+            lifetime=300,
+            interval=1,
+            publishTo=self.published,
+        )
+        self.assertIn("rotation interval must be at least 2s", str(error))
+        path = self.keyFile("current.key", keyBytes(1))
+        self.assertRaises(
+            ValueError,
+            TicketKeyRotationService.fromFiles,
+            [path],
+            clock=self.clock,
+            publishTo=self.published,
+            stagingDelay=0,
+        )
 
     def test_publishFails(self) -> None:
         """

@@ -678,3 +678,16 @@ class SessionTests(Base):
         self.peer.session = client.get_session()
         _, client = self.connect(tls, server)
         self.assertFalse(_openssl.sessionReused(client), "never offered")
+
+    def test_otherContext(self) -> None:
+        """
+        A session made under another context (an older configuration) is not
+        offered; the new handshake replaces it.
+        """
+        server = serverContext(self.issued)
+        self.connect(self.client(), server)
+        old = self.peer.session
+        _, client = self.connect(self.client(), server)
+        self.assertFalse(_openssl.sessionReused(client))
+        self.assertIsInstance(self.peer.session, SSL.Session)
+        self.assertIsNot(self.peer.session, old)

@@ -220,6 +220,7 @@ class CompileTemplateTests(SynchronousTestCase):
             "ssl_alpn_protocol ssl_client_s_dn ssl_client_i_dn ssl_client_verify "
             "ssl_client_serial ssl_client_fingerprint upstream_addr "
             "upstream_connect_time upstream_bytes_sent upstream_bytes_received "
+            "upstream_ssl_session_reused "
             "bytes_sent bytes_received session_time status time_iso8601 time_local "
             "msec connection hostname pid nginx_version"
         ).split()

@@ -66,7 +66,6 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -85,11 +84,18 @@ from tlsrelay._config._model import (
     UpstreamGroup,
     UpstreamServer,
 )
+from tlsrelay._log import Logger
 from tlsrelay._openssl import sessionReused
 
 log = Logger()
 
 TLSFor = Callable[[PeerState], IOpenSSLClientConnectionCreator | None]
+
+_Connected = tuple[IProtocol, bool | None]
+"""
+A connected attempt: the caller's protocol, and whether TLS resumed a session
+(L{None} without TLS).
+"""
 
 
 class NoUpstreamAvailable(Exception):
@@ -557,13 +563,6 @@ class _Connecting:
         self._stopTimer()
         if self.pending is not None:
             self.pending.cancel()
-
-
-_Connected = tuple[IProtocol, "bool | None"]
-"""
-A connected attempt: the caller's protocol, and whether TLS resumed a session
-(L{None} without TLS).
-"""
 
 
 def _plain(protocol: IProtocol) -> _Connected:

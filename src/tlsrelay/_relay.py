@@ -596,8 +596,9 @@ class RelayProtocol(Protocol):
         self._connection = connection
         self._upstream = protocol
         protocol.adopted = True
-        session.upstreamAddr = connection.peer
+        session.upstreamAddr = getattr(connection, "upstreamAddr", connection.peer)
         session.upstreamConnectTime = connection.connectTime
+        session.upstreamSessionReused = getattr(connection, "sessionReused", None)
         upstream = self._upstreamLeg = _Leg(
             "upstream", cast(_Transport, protocol.transport)
         )

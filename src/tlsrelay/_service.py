@@ -45,6 +45,7 @@ from tlsrelay._log import Logger
 from tlsrelay._pool import UpstreamPool
 from tlsrelay._relay import RelayFactory, WorkerConnections
 from tlsrelay._tls import ServerContextFactory, buildServerContext
+from tlsrelay._upstreamtls import tlsForServer
 from tlsrelay._variables import compileTemplate
 
 log = Logger()
@@ -159,7 +160,12 @@ def build(
         hashKey = None
         if server.proxyPass is not None:
             group = groupFor(server, config)
-            pool = UpstreamPool(group, reactor, rng)
+            tlsFor = (
+                tlsForServer(server.proxy.tls, group.name, server.where)
+                if server.proxy.tls.enabled
+                else None
+            )
+            pool = UpstreamPool(group, reactor, rng, tlsFor=tlsFor)
             generation.pools.append(pool)
             connect = _connector(pool, server)
             if group.balancer.method == "hash":

@@ -35,13 +35,13 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from tlsrelay import _openssl
 from tlsrelay._balance import PeerState
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import UpstreamTLS, Where
+from tlsrelay._log import Logger
 from tlsrelay._tls import (
     loadCertificates,
     loadPrivateKey,
@@ -174,7 +174,6 @@ class _Attempt:
     @ivar current: OpenSSL's session pointer last seen, to notice new tickets.
     """
 
-    tls: ClientTLS
     peer: PeerState
     offered: SSL.Session | None = None
     failure: UpstreamVerificationError | None = None
@@ -219,7 +218,7 @@ class _PeerCreator:
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         tls, peer = self.tls, self.peer
         connection = _UpstreamConnection(tls.context, None)
-        attempt = _Attempt(tls, peer)
+        attempt = _Attempt(peer)
         connection.attempt = attempt
         if tls.sni is not None:
             connection.set_tlsext_host_name(tls.sni)

@@ -89,6 +89,7 @@ class Session:
     bytesReceived: int = 0
     upstreamAddr: str | None = None
     upstreamConnectTime: float | None = None
+    upstreamSessionReused: bool | None = None
     upstreamBytesSent: int | None = None
     upstreamBytesReceived: int | None = None
     endTime: float | None = None
@@ -417,6 +418,13 @@ _VARIABLES: dict[str, Getter] = {
     "bytes_received": lambda s: str(s.bytesReceived),
     "session_time": lambda s: _seconds(s.duration()),
     "upstream_addr": lambda s: s.upstreamAddr,
+    "upstream_ssl_session_reused": lambda s: (
+        None
+        if s.upstreamSessionReused is None
+        else "r"
+        if s.upstreamSessionReused
+        else "."
+    ),
     "upstream_connect_time": lambda s: (
         None if s.upstreamConnectTime is None else _seconds(s.upstreamConnectTime)
     ),

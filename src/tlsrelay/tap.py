@@ -102,7 +102,6 @@ def makeService(options: Options) -> IService:
         RelayService,
         bindAll,
         build,
-        buildContexts,
         configListens,
     )
     from tlsrelay._workers import WorkerSupervisor
@@ -121,9 +120,10 @@ def makeService(options: Options) -> IService:
         globalLogPublisher.addObserver(cast(ILogObserver, _printWarnings))
         try:
             config = loadConfig(path)
-            buildContexts(config)
+            checked = build(config, reactor, AccessLogFiles(), WorkerConnections(1))
         except ConfigError as e:
             raise _fail(str(e)) from None
+        checked.closeErrorLogs()
         sys.stdout.write(describe(config))
         sys.stdout.write(
             f"tlsrelay: the configuration file {config.path} syntax is ok\n"
@@ -173,11 +173,15 @@ def _validate(path: str) -> Any:
     """
     Load a configuration and build its TLS contexts (what a worker will do).
     """
+    from twisted.internet import reactor
+
+    from tlsrelay._accesslog import AccessLogFiles
     from tlsrelay._config._load import loadConfig
-    from tlsrelay._service import buildContexts
+    from tlsrelay._relay import WorkerConnections
+    from tlsrelay._service import build
 
     config = loadConfig(path)
-    buildContexts(config)
+    build(config, reactor, AccessLogFiles(), WorkerConnections(1)).closeErrorLogs()
     return config
 
 
