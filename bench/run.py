@@ -210,6 +210,29 @@ def treeRssKib(pid: int) -> int:
     return total
 
 
+def cpuList(spec: str) -> list[int]:
+    """taskset's CPU list syntax: 0,2-3."""
+    cpus: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def coreTimes(cpus: list[int]) -> tuple[float, float]:
+    """(busy, steal) seconds of these CPUs since boot, from /proc/stat: busy is
+    everything but idle, iowait and steal, whoever ran."""
+    busy = steal = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(f) for f in fields]
+                busy += v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
+                steal += v[7] if len(v) > 7 else 0
+    return busy / CLK_TCK, steal / CLK_TCK
+
+
 def establishedTo(port: int) -> int:
     """Established IPv4 TCP connections whose remote port is port."""
     count = 0
@@ -272,22 +295,42 @@ def spawn(name: str, argv: list[str], cwd: Path, cpus: str | None) -> Proc:
     return proc
 
 
-def stop(proc: Proc, timeout: float = 5.0) -> None:
-    """Stop a process this harness started, and its process group."""
+def groupMembers(pgid: int) -> list[int]:
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1]
+                if int(stat.split()[2]) == pgid:
+                    members.append(int(name))
+    return members
+
+
+def stop(proc: Proc, timeout: float = 5.0) -> str | None:
+    """Stop a process this harness started, and what is left of its process group.
+    Returns a complaint if it had to be killed or left processes behind."""
+    complaint = None
     if proc.alive():
+        # Like an operator: SIGTERM to the master only; it stops its workers.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.popen.wait(timeout)
         except subprocess.TimeoutExpired:
+            complaint = f"still running {timeout:.0f} s after SIGTERM: killed"
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.popen.wait(timeout)
-    # Workers may outlive a killed master: the group is ours, end what is left.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while (left := groupMembers(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        complaint = complaint or f"{len(left)} process(es) outlived the master: killed"
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     if proc in STARTED:
         STARTED.remove(proc)
+    return complaint
 
 
 def stopAll() -> None:
@@ -642,7 +685,9 @@ class Bench:
 
     def runScenario(self, relay: Relay, s: Scenario, rnd: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if s.name in relay.broken:
+        # A start-up failure is tried again next round (the tree may be mid-edit);
+        # a relay that ignores worker_processes is not.
+        if relay.broken.get(s.name, ("",))[0] == "n/a (no workers)":
             return {"error": relay.broken[s.name][1]}
         if not self.upstream.alive():
             why = killedBy(self.env.work / "upstream-error.log")
@@ -662,8 +707,12 @@ class Bench:
             proc, port = self.start(relay, s, run)
         except RelayError as e:
             reason = str(e)
-            pending = isinstance(e, RelayExited) and s.optional
-            cell = "n/a (feature pending)" if pending else "n/a (failed)"
+            if "Traceback" in reason:
+                cell = "n/a (crashed)"
+            elif isinstance(e, RelayExited) and s.optional:
+                cell = "n/a (feature pending)"
+            else:
+                cell = "n/a (failed)"
             relay.broken[s.name] = (cell, reason)
             fatal = relay.name == "nginx" or s.name == "ecdsa" or self.opts.strict
             self.problem(relay.name, s.name, f"did not start: {reason}", fatal)
@@ -677,6 +726,14 @@ class Bench:
                     )
                 try:
                     out[step] = self.step(step, s, proc, port)
+                    procs = out[step].get("relay_processes", s.workers)
+                    if procs < s.workers:
+                        reason = (
+                            f"worker_processes {s.workers} accepted, but the relay "
+                            f"runs {procs} process(es)"
+                        )
+                        relay.broken[s.name] = ("n/a (no workers)", reason)
+                        raise RelayError(reason)
                 except RelayError as e:
                     fatal = relay.name == "nginx" or self.opts.strict
                     self.problem(relay.name, s.name, f"{step}: {e}", fatal)
@@ -687,7 +744,9 @@ class Bench:
             self.problem(relay.name, s.name, str(e), relay.name == "nginx")
         finally:
             if proc.alive():
-                stop(proc)
+                complaint = stop(proc)
+                if complaint:
+                    self.problem(relay.name, s.name, f"on SIGTERM: {complaint}", False)
             else:
                 self.problem(
                     relay.name,
@@ -731,13 +790,22 @@ class Bench:
         self, proc: Proc, loadPid: int | None
     ) -> Callable[[], dict[str, float]]:
         """Start a measurement window; the returned function closes it."""
+        cores = cpuList(self.opts.relayCpus)
+        loadCores = cpuList(self.opts.clientCpus)
+        l0, _ = coreTimes(loadCores)
         t0 = time.monotonic()
         r0, u0 = treeCpu(proc.pid), treeCpu(self.upstream.pid)
         c0 = treeCpu(loadPid) if loadPid else 0.0
+        b0, s0 = coreTimes(cores)
 
         def close() -> dict[str, float]:
+            b1, s1 = coreTimes(cores)
+            l1, _ = coreTimes(loadCores)
             return {
+                "load_cores_busy_s": l1 - l0,
                 "wall_s": time.monotonic() - t0,
+                "relay_cores_busy_s": b1 - b0,  # everything on the relay's cores
+                "relay_cores_steal_s": s1 - s0,  # taken by the hypervisor
                 "relay_cpu_s": treeCpu(proc.pid) - r0,
                 "upstream_cpu_s": treeCpu(self.upstream.pid) - u0,
                 "client_cpu_s": (treeCpu(loadPid) - c0) if loadPid else 0.0,
@@ -1053,6 +1121,33 @@ INFO_ROWS = [
         "ecdsa",
         "full",
         lambda r: 100.0 * r["client_cpu_s"] / r["wall_s"],
+        "{:.0f}",
+    ),
+    Row(
+        "  other programs on the relay core (%)",
+        "ecdsa",
+        "full",
+        lambda r: (
+            100.0 * max(0.0, r["relay_cores_busy_s"] - r["relay_cpu_s"]) / r["wall_s"]
+        ),
+        "{:.0f}",
+    ),
+    Row(
+        "  other programs on the load core (%)",
+        "ecdsa",
+        "full",
+        lambda r: (
+            100.0
+            * max(0.0, r["load_cores_busy_s"] - r["client_cpu_s"] - r["upstream_cpu_s"])
+            / r["wall_s"]
+        ),
+        "{:.0f}",
+    ),
+    Row(
+        "  hypervisor steal on the relay core (%)",
+        "ecdsa",
+        "full",
+        lambda r: 100.0 * r["relay_cores_steal_s"] / r["wall_s"],
         "{:.0f}",
     ),
     Row("RSA handshakes/s (wall)", "rsa", "full", lambda r: r["ok"] / r["wall_s"]),
@@ -1417,11 +1512,19 @@ def main(argv: list[str]) -> int:
     if bench.problems:
         print()
         print("problems:")
+        seen: dict[tuple[str, str, str], int] = {}
         for pr in bench.problems:
+            key = (pr["relay"], pr["scenario"], pr["message"].strip().split("\n")[-1])
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > 1:
+                continue
             first, _, rest = pr["message"].partition("\n")
             print(f"- {pr['relay']} / {pr['scenario']}: {first}")
             for line in rest.splitlines()[-12:]:
                 print(f"    {line}")
+        for (relay, scen, last), n in seen.items():
+            if n > 1:
+                print(f"- {relay} / {scen}: the same again, {n} times in all: {last}")
     notes = {
         (relay.name, s): r["log_notes"]
         for rnd in results

@@ -157,11 +157,10 @@ class ErrorTests(LoadMixin, SynchronousTestCase):
             4,
         )
 
-    def test_ticketKeyNotYet(self) -> None:
+    def test_badTicketKeyRotation(self) -> None:
         self.assertError(
-            "stream {\n  ssl_session_ticket_key current.key;\n" + SERVER_BLOCK + "}\n",
-            '"ssl_session_ticket_key" directive is not supported yet (planned in '
-            "the sessions issue)",
+            "stream {\n  ssl_session_ticket_key_rotation soon;\n" + SERVER_BLOCK + "}\n",
+            'invalid value "soon" in "ssl_session_ticket_key_rotation" directive',
             2,
         )
 
@@ -464,6 +463,23 @@ stream {
             )
             cache = config.servers[0].tls.sessionCache
             self.assertEqual((cache.mode, cache.sessionLimit()), (mode, limit), text)
+
+    def test_ticketKeys(self) -> None:
+        """
+        C{ssl_session_ticket_key} is repeatable and inherited as a whole, like
+        nginx's array directives; relative paths resolve.
+        """
+        config = self.load(
+            "stream {\n  ssl_session_ticket_key current.key;\n"
+            "  ssl_session_ticket_key /keys/previous.key;\n"
+            "  ssl_session_ticket_key_rotation 1h;\n" + SERVER_BLOCK + "}\n"
+        )
+        tls = config.servers[0].tls
+        self.assertEqual(
+            tls.ticketKeyFiles,
+            (os.path.join(self._dir, "current.key"), "/keys/previous.key"),
+        )
+        self.assertEqual(tls.ticketKeyRotation, 3600)
 
     def test_accessLog(self) -> None:
         config = self.load(

@@ -14,7 +14,12 @@ import trustme
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import (
     IAddress,
     IHandshakeListener,
@@ -25,7 +30,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -345,6 +350,52 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual(len(set(targets(reactor))), 1)
 
 
+class ConnectPeerTests(SynchronousTestCase):
+    def test_connectPeer(self) -> None:
+        """
+        One attempt at a given peer, at another port if asked, counting nothing.
+        """
+        pool, reactor = threeServers()
+        peer = pool.peers.primary[1]
+        d = pool.connectPeer(peer, factory(), 2.0, port=8080)
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 8080))
+        self.assertEqual(reactor.tcpClients[0][3], 2.0)
+        transport = accept(reactor)
+        protocol, reused = self.successResultOf(d)
+        self.assertIs(protocol.transport, transport)  # type: ignore[attr-defined]
+        self.assertIsNone(reused)
+        self.assertEqual((peer.conns, peer.fails), (0, 0))
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_timeout(self) -> None:
+        """
+        An attempt that does not connect in time is stopped and fails with
+        L{TimeoutError}; a refused one with the refusal; neither is counted.
+        """
+        pool, reactor = threeServers()
+        peer = pool.peers.primary[0]
+        d = pool.connectPeer(peer, factory(), 2.0)
+        reactor.advance(2.0)
+        self.assertTrue(reactor.connectors[0].stoppedConnecting)
+        self.failureResultOf(d, TimeoutError)
+        d = pool.connectPeer(peer, factory(), 2.0)
+        refuse(reactor)
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertEqual((peer.conns, peer.fails), (0, 0))
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling stops the attempt and its timer.
+        """
+        pool, reactor = threeServers()
+        d = pool.connectPeer(pool.peers.primary[0], factory(), 2.0)
+        d.cancel()
+        self.failureResultOf(d, CancelledError, ConnectingCancelledError)
+        self.assertTrue(reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+
 class ReleaseTests(SynchronousTestCase):
     def test_counts(self) -> None:
         """
@@ -463,6 +514,25 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(events[0]["log_level"].name, "info")
         pool.connect(factory(), b"", Proxy())
         self.assertEqual(targets(reactor)[-1], 9001)
+
+    def test_markHealthyReason(self) -> None:
+        """
+        The reason given for a change is logged with it.
+        """
+        pool, _ = makePool(UpstreamServer(tcp(9001)), UpstreamServer(tcp(9002)))
+        peer = pool.peers.primary[0]
+        with capturedLogs() as events:
+            pool.markHealthy(peer, False, "health check failed: refused")
+            pool.markHealthy(peer, True)
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            [
+                "upstream server 127.0.0.1:9001 of backend is unhealthy"
+                " (health check failed: refused)",
+                "upstream server 127.0.0.1:9001 of backend is healthy again",
+            ],
+        )
+        self.assertEqual(events[0]["reason"], "health check failed: refused")
 
     def test_backup(self) -> None:
         """

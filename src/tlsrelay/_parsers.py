@@ -1,5 +1,6 @@
 """
-Endpoint-string parsers: C{tlsrelay:} for servers.
+Endpoint-string parsers: C{tlsrelay:} for servers, C{tlsrelay-pool:} for clients
+of an upstream pool.
 
 Twisted imports every endpoint plugin whenever any application parses an
 endpoint string, so this module imports almost nothing: OpenSSL, the
@@ -8,7 +9,9 @@ configuration and the endpoints are imported inside the parse methods.
 Each keyword mirrors an nginx directive (C{ssl_} dropped, the rest in
 camelCase) and its value goes through the same directive table as the
 configuration file, so C{sessionCache=shared\\:SSL\\:20m} means exactly what
-C{ssl_session_cache shared:SSL:20m;} means.  See C{docs/endpoints.md}.
+C{ssl_session_cache shared:SSL:20m;} means.  C{tlsrelay-pool:} keywords do the
+same with C{proxy_ssl_*}, C{proxy_*} and an C{upstream} block's C{server} lines
+and balancing method.  See C{docs/endpoints.md}.
 """
 
 from __future__ import annotations
@@ -19,15 +22,25 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
-from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpointStringParser,
+)
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorCore
 
-    from tlsrelay._config._model import ServerTLS
-    from tlsrelay.endpoints import TLSRelayServerEndpoint
+    from tlsrelay._config._directives import Loader, Settings
+    from tlsrelay._config._model import (
+        Balancer,
+        Proxy,
+        ServerTLS,
+        UpstreamGroup,
+        UpstreamServer,
+    )
+    from tlsrelay.endpoints import TLSRelayPoolEndpoint, TLSRelayServerEndpoint
 
 # How a keyword's value becomes nginx arguments:
 #   one:      the whole value is the directive's one argument;
@@ -80,8 +93,8 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def _fail(message: str) -> ValueError:
-    return ValueError(f"{_PREFIX}: {message}")
+def _fail(message: str, prefix: str = _PREFIX) -> ValueError:
+    return ValueError(f"{prefix}: {message}")
 
 
 def _unknownKeyword(keyword: str) -> ValueError:
@@ -124,6 +137,47 @@ def _arguments(keyword: str, value: str, split: Split) -> list[tuple[str, ...]]:
     return [(item,) for item in items]
 
 
+def _runDirective(
+    keyword: str,
+    value: str,
+    name: str,
+    args: tuple[str, ...],
+    context: str,
+    loader: Loader,
+    settings: Settings,
+    prefix: str = _PREFIX,
+) -> None:
+    """
+    Run the configuration file's handler of directive C{name} with C{args} (what
+    C{keyword=value} stands for) into C{settings}, as if C{name args;} were
+    written in C{context}.
+
+    @raise ValueError: naming C{keyword=value} and the directive's own message.
+    """
+    from tlsrelay._config._directives import lookup
+    from tlsrelay._config._errors import ConfigError
+    from tlsrelay._config._tree import Directive
+
+    spec, _ = lookup(name, context)
+    assert spec is not None, name
+    if spec.unsupported:
+        plan = (
+            f" (planned in {spec.unsupported})"
+            if spec.unsupported != "unplanned"
+            else ""
+        )
+        raise _fail(f'"{keyword}" ({name}) is not supported yet{plan}', prefix)
+    assert spec.handler is not None, name
+    low, high = spec.arity
+    if len(args) < low or (high is not None and len(args) > high):
+        raise _fail(f'"{keyword}={value}": wrong number of values', prefix)
+    directive = Directive(name, args, None, _WHERE, 0)
+    try:
+        spec.handler(directive, loader, settings)
+    except ConfigError as e:
+        raise _fail(f'"{keyword}={value}": {e.message}', prefix) from None
+
+
 def serverTLSFromKeywords(
     keywords: Mapping[str, object], baseDirectory: str | None = None
 ) -> ServerTLS:
@@ -141,13 +195,9 @@ def serverTLSFromKeywords(
     from tlsrelay._config._directives import (
         SERVER,
         Loader,
-        Settings,
         certificatePairs,
-        lookup,
     )
-    from tlsrelay._config._errors import ConfigError
     from tlsrelay._config._model import ServerTLS
-    from tlsrelay._config._tree import Directive
 
     for keyword in keywords:
         if keyword in SERVER_KEYWORDS_LATER:
@@ -164,25 +214,8 @@ def serverTLSFromKeywords(
         if keyword not in keywords:
             continue
         value = _text(keywords[keyword])
-        spec, _ = lookup(name, SERVER)
-        assert spec is not None, name
-        if spec.unsupported:
-            plan = (
-                f" (planned in {spec.unsupported})"
-                if spec.unsupported != "unplanned"
-                else ""
-            )
-            raise _fail(f'"{keyword}" ({name}) is not supported yet{plan}')
-        assert spec.handler is not None, name
-        low, high = spec.arity
         for args in _arguments(keyword, value, split):
-            if len(args) < low or (high is not None and len(args) > high):
-                raise _fail(f'"{keyword}={value}": wrong number of values')
-            directive = Directive(name, args, None, _WHERE, 0)
-            try:
-                spec.handler(directive, loader, settings)
-            except ConfigError as e:
-                raise _fail(f'"{keyword}={value}": {e.message}') from None
+            _runDirective(keyword, value, name, args, SERVER, loader, settings)
 
     certificates = settings.get("_certs", ())
     if not certificates:
@@ -305,3 +338,285 @@ class TLSRelayServerParser:
             tls.handshakeTimeout,
             clock,
         )
+
+
+POOL_KEYWORDS: dict[str, tuple[str, Split]] = {
+    "tls": ("proxy_ssl", "one"),
+    "certificate": ("proxy_ssl_certificate", "one"),
+    "certificateKey": ("proxy_ssl_certificate_key", "one"),
+    "passwordFile": ("proxy_ssl_password_file", "one"),
+    "protocols": ("proxy_ssl_protocols", "words"),
+    "ciphers": ("proxy_ssl_ciphers", "one"),
+    "confCommand": ("proxy_ssl_conf_command", "commands"),
+    "trustedCertificate": ("proxy_ssl_trusted_certificate", "one"),
+    "verify": ("proxy_ssl_verify", "one"),
+    "verifyDepth": ("proxy_ssl_verify_depth", "one"),
+    "crl": ("proxy_ssl_crl", "one"),
+    "name": ("proxy_ssl_name", "one"),
+    "serverName": ("proxy_ssl_server_name", "one"),
+    "sessionReuse": ("proxy_ssl_session_reuse", "one"),
+    "connectTimeout": ("proxy_connect_timeout", "one"),
+    "nextUpstream": ("proxy_next_upstream", "one"),
+    "nextUpstreamTries": ("proxy_next_upstream_tries", "one"),
+    "nextUpstreamTimeout": ("proxy_next_upstream_timeout", "one"),
+}
+"""
+The keywords of C{tlsrelay-pool:} client strings that stand for one C{proxy_*}
+directive (C{proxy_ssl_} or C{proxy_} dropped, the rest in camelCase).
+"""
+
+POOL_GROUP_KEYWORDS: dict[str, str] = {
+    "servers": 'the "server" lines of an "upstream" block, separated by ","',
+    "balancer": '"least_conn", "hash KEY [consistent]", "random [two [least_conn]]"'
+    ' or "round_robin" (the default)',
+    "upstream": "the group's name, as in upstream NAME { ... }",
+}
+"""
+The keywords of C{tlsrelay-pool:} client strings that describe the upstream
+group itself.
+"""
+
+_POOL_PREFIX = "tlsrelay-pool endpoint"
+_TLS_KEYWORDS = frozenset(
+    keyword
+    for keyword, (name, _) in POOL_KEYWORDS.items()
+    if name.startswith("proxy_ssl_")
+)
+_POOL_HINTS: dict[str, str] = {
+    "server": (
+        '; give every server in one servers=, separated by "," (Twisted keeps'
+        " only the last of repeated keywords)"
+    ),
+    "tries": ' (did you mean "nextUpstreamTries"?)',
+    "sni": ' (did you mean "serverName"?)',
+    "ssl": ' (did you mean "tls"?)',
+    "hash": ' (did you mean "balancer=hash KEY"?)',
+}
+_BALANCERS = ("round_robin", "least_conn", "hash", "random")
+
+
+def _poolFail(message: str) -> ValueError:
+    return _fail(message, _POOL_PREFIX)
+
+
+def _unknownPoolKeyword(keyword: str) -> ValueError:
+    if keyword in _POOL_HINTS:
+        return _poolFail(f'unknown keyword "{keyword}"{_POOL_HINTS[keyword]}')
+    known = [*POOL_GROUP_KEYWORDS, *POOL_KEYWORDS]
+    close = difflib.get_close_matches(keyword, known, 1, 0.8)
+    if not close:
+        close = [k for k in known if k.lower() == keyword.lower()]
+    if close:
+        hint = f' (did you mean "{close[0]}"?)'
+    elif keyword in SERVER_KEYWORDS or keyword == "endpoint":
+        hint = " (a keyword of tlsrelay: server strings, not of tlsrelay-pool:)"
+    else:
+        hint = ""
+    return _poolFail(f'unknown keyword "{keyword}"{hint}')
+
+
+def _servers(value: str, loader: Loader) -> tuple[UpstreamServer, ...]:
+    """
+    The servers of C{servers=}: C{address [parameter ...]} items separated by
+    C{","}, each checked as an C{upstream}'s C{server} line.
+    """
+    import attrs
+
+    from tlsrelay._config._directives import UPSTREAM
+
+    settings: Settings = {}
+    for item in value.split(","):
+        args = tuple(item.split())
+        if not args:
+            raise _poolFail(f'"servers={value}" has an empty server')
+        _runDirective(
+            "servers",
+            item.strip(),
+            "server",
+            args,
+            UPSTREAM,
+            loader,
+            settings,
+            _POOL_PREFIX,
+        )
+    servers: tuple[UpstreamServer, ...] = settings["servers"]
+    return tuple(attrs.evolve(server, where=None) for server in servers)
+
+
+def _balancer(value: str, loader: Loader) -> tuple[Balancer, bytes]:
+    """
+    The balancing method of C{balancer=}, and the hash key for C{hash KEY}.
+    """
+    from tlsrelay._config._directives import UPSTREAM
+    from tlsrelay._config._model import Balancer
+
+    words = value.split()
+    method = words[0] if words else ""
+    if method not in _BALANCERS:
+        raise _poolFail(
+            f'"balancer={value}": unknown balancing method, use'
+            f" {POOL_GROUP_KEYWORDS['balancer']}"
+        )
+    if method == "round_robin":
+        if len(words) > 1:
+            raise _poolFail(f'"balancer={value}": round_robin takes no parameters')
+        return Balancer(), b""
+    if method == "hash":
+        if len(words) < 2 or words[1] == "consistent":
+            raise _poolFail(
+                f'"balancer={value}": hash needs a key: balancer=hash KEY [consistent]'
+            )
+        if "$" in words[1]:
+            raise _poolFail(
+                f'"balancer={value}": the hash key is a fixed string here (a'
+                " client endpoint has no variables); TLSRelayPoolEndpoint"
+                ".withHashKey() gives another key from Python"
+            )
+    settings: Settings = {}
+    _runDirective(
+        "balancer",
+        value,
+        method,
+        tuple(words[1:]),
+        UPSTREAM,
+        loader,
+        settings,
+        _POOL_PREFIX,
+    )
+    params, _ = settings["balancer"]
+    balancer = Balancer(**params)
+    return balancer, balancer.key.encode("utf-8")
+
+
+def poolFromKeywords(
+    keywords: Mapping[str, object], baseDirectory: str | None = None
+) -> tuple[UpstreamGroup, Proxy, bytes]:
+    """
+    The upstream group, the C{proxy_*} settings (with the upstream TLS) and the
+    hash key that C{tlsrelay-pool:} keywords describe, validated as the
+    configuration file validates the matching directives.
+
+    @param baseDirectory: what relative file names resolve against; the current
+        directory by default.
+
+    @raise ValueError: naming the keyword and what is wrong with it.
+    """
+    import attrs
+
+    from tlsrelay._config._directives import SERVER, Loader
+    from tlsrelay._config._model import Balancer, Proxy, UpstreamGroup, UpstreamTLS
+
+    for keyword in keywords:
+        if keyword not in POOL_KEYWORDS and keyword not in POOL_GROUP_KEYWORDS:
+            raise _unknownPoolKeyword(keyword)
+    if "servers" not in keywords:
+        raise _poolFail(
+            '"servers=" is required: servers=host\\:port,host\\:port weight=2,...'
+        )
+
+    loader = Loader(os.getcwd() if baseDirectory is None else baseDirectory)
+    servers = _servers(_text(keywords["servers"]), loader)
+    balancer, hashKey = Balancer(), b""
+    if "balancer" in keywords:
+        balancer, hashKey = _balancer(_text(keywords["balancer"]), loader)
+    if balancer.method == "hash" and any(server.backup for server in servers):
+        raise _poolFail(
+            'balancing method "hash" does not support the "backup" parameter'
+        )
+
+    settings: Settings = {}
+    for keyword, (name, split) in POOL_KEYWORDS.items():
+        if keyword not in keywords:
+            continue
+        value = _text(keywords[keyword])
+        for args in _arguments(keyword, value, split):
+            _runDirective(
+                keyword, value, name, args, SERVER, loader, settings, _POOL_PREFIX
+            )
+    tlsKeywords = sorted(_TLS_KEYWORDS.intersection(keywords))
+    if tlsKeywords and not settings.get("u_enabled", False):
+        raise _poolFail(
+            f'"{tlsKeywords[0]}=" has no effect without TLS: add tls=on'
+            " (or remove the TLS keywords)"
+        )
+    if "u_certificate" in settings and "u_certificateKey" not in settings:
+        # The key in the certificate's own file, as Twisted's ssl: endpoint.
+        settings["u_certificateKey"] = settings["u_certificate"]
+
+    upstream = keywords.get("upstream")
+    if upstream is not None:
+        name = _text(upstream).strip()
+        if not name:
+            raise _poolFail('"upstream=" is empty')
+    else:
+        name = ",".join(str(server.address) for server in servers)
+    tls = UpstreamTLS(**{k[2:]: v for k, v in settings.items() if k.startswith("u_")})
+    if (
+        tls.enabled
+        and (tls.verify or tls.serverName)
+        and tls.name is None
+        and upstream is None
+        and len(servers) > 1
+    ):
+        raise _poolFail(
+            "with several servers, verify=on and serverName=on need the name the"
+            " upstreams prove: give name= (or upstream=, its default)"
+        )
+    fields = {f.name for f in attrs.fields(Proxy)} - {"tls"}
+    proxy = Proxy(tls=tls, **{k: v for k, v in settings.items() if k in fields})
+    return UpstreamGroup(name, servers, balancer), proxy, hashKey
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class TLSRelayPoolParser:
+    """
+    Parses C{tlsrelay-pool:servers=...:balancer=...:tls=on:...} into a
+    L{tlsrelay.endpoints.TLSRelayPoolEndpoint}: an upstream pool, with nginx's
+    balancing, passive health, next-upstream retries and upstream TLS, as a
+    client endpoint.
+
+    @ivar prefix: C{"tlsrelay-pool"}.
+    """
+
+    prefix = "tlsrelay-pool"
+
+    def parseStreamClient(
+        self, reactor: IReactorCore, *args: object, **kwargs: object
+    ) -> TLSRelayPoolEndpoint:
+        """
+        Build the endpoint: the group, balancer, retries and upstream TLS from
+        the keywords (see C{docs/endpoints.md}).  Certificates, keys and CA
+        files are loaded now; host names are resolved at the first connection.
+
+        @param reactor: the reactor the pool connects, resolves and times with.
+
+        @raise ValueError: for a positional argument, an unknown keyword, a bad
+            value, or a file that cannot be loaded.
+        """
+        import random
+
+        from twisted.internet.interfaces import IReactorTime
+
+        from tlsrelay.endpoints import TLSRelayPoolEndpoint
+
+        if args:
+            raise _poolFail(
+                f'unexpected argument "{_text(args[0])}": {self.prefix}: takes'
+                " only keywords; give the servers as servers=host\\:port,..."
+            )
+        group, proxy, hashKey = poolFromKeywords(kwargs)
+        if not IReactorTime.providedBy(reactor):
+            raise TypeError(f"{_POOL_PREFIX}: the reactor must provide IReactorTime")
+        try:
+            return TLSRelayPoolEndpoint.fromGroup(
+                IReactorTime(reactor), group, proxy, random.SystemRandom(), hashKey
+            )
+        except ValueError as e:
+            hint = ""
+            key = proxy.tls.certificateKey
+            if "key" in str(e) and key is not None and key == proxy.tls.certificate:
+                hint = (
+                    " (without certificateKey=, the key must be in the"
+                    " certificate file)"
+                )
+            raise _poolFail(f"{e}{hint}") from None

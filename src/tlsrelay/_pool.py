@@ -28,6 +28,10 @@ upstream that closes) counts as a failure of that peer and moves on to the next 
 as C{proxy_next_upstream} allows.  A failed handshake also forgets the peer's TLS
 session (L{PeerState.session}), so a session the upstream chokes on is not offered
 again.
+
+Active health checks (L{tlsrelay._health.HealthChecker}) make the same attempt as a
+relayed connection through L{UpstreamPool.connectPeer}, counting nothing, and say
+what they found through L{UpstreamPool.markHealthy}.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHandshakeListener,
     IHostResolution,
     IOpenSSLClientConnectionCreator,
@@ -336,25 +339,33 @@ class UpstreamPool:
 
         return gatherResults(waiting, consumeErrors=True).addCallback(resolved)
 
-    def markHealthy(self, peer: PeerState, healthy: bool) -> None:
+    def markHealthy(
+        self, peer: PeerState, healthy: bool, reason: str | None = None
+    ) -> None:
         """
         An active health check says whether C{peer} is healthy; an unhealthy peer
         is not picked until it is marked healthy again.
+
+        @param reason: why, for the log line of a change (e.g. what the last
+            check found).
         """
         if peer.healthy == healthy:
             return
         peer.healthy = healthy
+        why = "" if reason is None else " ({reason})"
         if healthy:
             log.info(
-                "upstream server {peer} of {upstream} is healthy again",
+                "upstream server {peer} of {upstream} is healthy again" + why,
                 peer=peer.name,
                 upstream=self.config.name,
+                reason=reason,
             )
         else:
             log.warn(
-                "upstream server {peer} of {upstream} is unhealthy",
+                "upstream server {peer} of {upstream} is unhealthy" + why,
                 peer=peer.name,
                 upstream=self.config.name,
+                reason=reason,
             )
 
     def connect(
@@ -372,8 +383,47 @@ class UpstreamPool:
     def _creator(self, peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
         return None if self._tlsFor is None else self._tlsFor(peer)
 
-    def _endpoint(self, peer: PeerState, timeout: float) -> IStreamClientEndpoint:
+    def connectPeer(
+        self,
+        peer: PeerState,
+        factory: IProtocolFactory,
+        timeout: float,
+        port: int | None = None,
+    ) -> Deferred[tuple[IProtocol, bool | None]]:
+        """
+        One attempt at one peer, as a relayed connection makes it: connect
+        C{factory}'s protocol to C{peer} and, when C{tlsFor} gives a creator for
+        it, complete the TLS handshake (with verification) before the protocol is
+        connected.  Counts nothing: passive health is the caller's business.
+
+        @param timeout: seconds for TCP connect and handshake together.
+        @param port: connect to this port instead of the peer's (TCP peers; a
+            UNIX peer has none), as C{health_check port=} does.
+        @return: fires with the connected protocol and whether TLS resumed a
+            session (L{None} without TLS); fails with L{error.TimeoutError} when
+            C{timeout} passes first, with the TCP failure, or with
+            L{UpstreamHandshakeFailed}.  Cancelling aborts the attempt.
+        """
+        try:
+            creator = self._creator(peer)
+            endpoint = self._endpoint(peer, timeout, port)
+            pending: Deferred[_Connected]
+            if creator is None:
+                pending = endpoint.connect(factory).addCallback(_plain)
+            else:
+                pending = _Securing(
+                    endpoint, creator, factory, peer, self._reactor
+                ).result
+        except BaseException:
+            return fail()
+        return pending.addTimeout(timeout, self._reactor, _timedOut)
+
+    def _endpoint(
+        self, peer: PeerState, timeout: float, port: int | None = None
+    ) -> IStreamClientEndpoint:
         address = peer.address
+        if port is None:
+            port = address.port
         endpoint: IStreamClientEndpoint
         if address.kind == "unix":
             endpoint = UNIXClientEndpoint(  # type: ignore[no-untyped-call]
@@ -382,11 +432,11 @@ class UpstreamPool:
         elif _literal(address):
             # connectTCP takes IPv6 literals as well as IPv4 ones.
             endpoint = TCP4ClientEndpoint(
-                self._reactor, address.host, address.port, timeout=timeout
+                self._reactor, address.host, port, timeout=timeout
             )
         else:
             endpoint = HostnameEndpoint(
-                self._reactor, address.host, address.port, timeout=timeout
+                self._reactor, address.host, port, timeout=timeout
             )
         return endpoint
 
@@ -452,8 +502,6 @@ class _Connecting:
         self.attemptStarted = self.started
         self.peer: PeerState | None = None
         self.pending: Deferred[_Connected] | None = None
-        self.timer: IDelayedCall | None = None
-        self.timedOut = False
         self.cancelled = False
         self._next()
 
@@ -472,38 +520,12 @@ class _Connecting:
         self.addresses.append(peer.name)
         self.connectTimes.append(None)
         self.attemptStarted = now
-        self.timedOut = False
-        timeout = self.proxy.connectTimeout
-        pending: Deferred[_Connected]
-        try:
-            creator = self.pool._creator(peer)
-            endpoint = self.pool._endpoint(peer, timeout)
-            if creator is None:
-                pending = endpoint.connect(self.factory).addCallback(_plain)
-            else:
-                pending = _Securing(
-                    endpoint, creator, self.factory, peer, self.reactor
-                ).result
-        except BaseException:
-            pending = fail()
+        pending = self.pool.connectPeer(peer, self.factory, self.proxy.connectTimeout)
         self.pending = pending
-        self.timer = self.reactor.callLater(timeout, self._timeOut)
         pending.addCallbacks(self._connected, self._notConnected)
-
-    def _stopTimer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def _timeOut(self) -> None:
-        self.timer = None
-        self.timedOut = True
-        if self.pending is not None:
-            self.pending.cancel()
 
     def _connected(self, result: _Connected) -> None:
         protocol, reused = result
-        self._stopTimer()
         self.pending = None
         peer = self.peer
         assert peer is not None
@@ -522,7 +544,6 @@ class _Connecting:
         self.result.callback(connection)
 
     def _notConnected(self, reason: Failure) -> None:
-        self._stopTimer()
         self.pending = None
         peer = self.peer
         assert peer is not None
@@ -530,7 +551,7 @@ class _Connecting:
             # The client went away: not the peer's fault.
             peer.conns -= 1
             return
-        if self.timedOut or isinstance(reason.value, error.TimeoutError):
+        if isinstance(reason.value, error.TimeoutError):
             why = "upstream timed out"
         elif isinstance(reason.value, (error.ConnectingCancelledError, CancelledError)):
             why = "cancelled"
@@ -560,13 +581,22 @@ class _Connecting:
 
     def _cancel(self, result: Deferred[UpstreamConnection]) -> None:
         self.cancelled = True
-        self._stopTimer()
         if self.pending is not None:
             self.pending.cancel()
 
 
 def _plain(protocol: IProtocol) -> _Connected:
     return protocol, None
+
+
+def _timedOut(result: _Connected | Failure, timeout: float) -> _Connected | Failure:
+    """
+    An attempt cancelled by its timeout fails with L{error.TimeoutError}, whatever
+    the cancelled layer reported (C{ConnectingCancelledError}, a lost handshake).
+    """
+    if isinstance(result, Failure):
+        return Failure(error.TimeoutError(string=f"no connection within {timeout}s"))
+    return result
 
 
 @implementer(IHandshakeListener)

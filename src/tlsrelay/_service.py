@@ -44,7 +44,8 @@ from tlsrelay._listen import BoundListener, bindSocket
 from tlsrelay._log import Logger
 from tlsrelay._pool import UpstreamPool
 from tlsrelay._relay import RelayFactory, WorkerConnections
-from tlsrelay._tls import ServerContextFactory, buildServerContext
+from tlsrelay._sessions import SessionSharing
+from tlsrelay._tls import ServerContextFactory, buildServerContext, sessionIdContext
 from tlsrelay._upstreamtls import tlsForServer
 from tlsrelay._variables import compileTemplate
 
@@ -79,18 +80,22 @@ def groupFor(server: StreamServer, config: Config) -> UpstreamGroup:
     )
 
 
-def buildContexts(config: Config) -> dict[int, ServerContextFactory]:
+def buildContexts(
+    config: Config, sharing: SessionSharing
+) -> dict[int, ServerContextFactory]:
     """
     A TLS server context for every C{server} with an C{ssl} listener, keyed by the
-    server's index; raises L{ConfigError} for the first bad certificate, key or
-    setting.
+    server's index, with its ticket keys and shared cache from C{sharing}; raises
+    L{ConfigError} for the first bad certificate, key or setting.
     """
     contexts: dict[int, ServerContextFactory] = {}
     for index, server in enumerate(config.servers):
         if any(listen.ssl for listen in server.listens):
-            contexts[index] = ServerContextFactory(
-                buildServerContext(server.tls, server.where)
+            context = buildServerContext(server.tls, server.where)
+            sharing.install(
+                context, server.tls, sessionIdContext(server.tls), server.where
             )
+            contexts[index] = ServerContextFactory(context)
     return contexts
 
 
@@ -141,13 +146,14 @@ def build(
     reactor: Any,
     accessLogs: AccessLogFiles,
     connections: WorkerConnections,
+    sharing: SessionSharing,
     randomSource: random.Random | None = None,
 ) -> Generation:
     """
     Build contexts, pools, relay factories and logs for C{config}; open the access
     logs it names (in C{accessLogs}, shared across reloads).
     """
-    contexts = buildContexts(config)
+    contexts = buildContexts(config, sharing)
     rng = randomSource if randomSource is not None else random.SystemRandom()
     generation = Generation(config, [], [])
     for index, server in enumerate(config.servers):
@@ -270,9 +276,11 @@ class RelayService(MultiService):
         reactor: Any,
         accessLogs: AccessLogFiles,
         connections: WorkerConnections,
+        sharing: SessionSharing,
         bind: Callable[[Listen], Any] = bindSocket,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.sharing = sharing
         self.generation = generation
         self.listeners = listeners
         self.reactor = reactor
@@ -281,13 +289,15 @@ class RelayService(MultiService):
         self.bind = bind
         self.ports: dict[str, IListeningPort] = {}
         self.reloading: Deferred[bool] | None = None
+        self.listening: Deferred[Any] = Deferred()
 
     def startService(self) -> None:
         self._observe(self.generation)
         super().startService()  # type: ignore[no-untyped-call]
-        self._resolve(self.generation).addCallback(
+        self.listening = self._resolve(self.generation).addCallback(
             lambda _: self._listen(self.generation)
-        ).addErrback(self._failed)
+        )
+        self.listening.addErrback(self._failed)
 
     def _observe(self, generation: Generation) -> None:
         for _, observer in generation.errorLogs:
@@ -344,7 +354,10 @@ class RelayService(MultiService):
         log.info("reloading {path}", path=path)
         try:
             config = loadConfig(path)
-            generation = build(config, self.reactor, self.accessLogs, self.connections)
+            self.sharing.reload()
+            generation = build(
+                config, self.reactor, self.accessLogs, self.connections, self.sharing
+            )
             new = bindAll(configListens(config), self.listeners, self.bind)
         except ConfigError as e:
             log.error(

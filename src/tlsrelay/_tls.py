@@ -17,7 +17,7 @@ from weakref import WeakKeyDictionary
 
 from attrs import frozen
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
@@ -111,9 +111,7 @@ def loadCertificates(path: str, where: Where | None) -> list[x509.Certificate]:
     return certificates
 
 
-def loadPrivateKey(
-    path: str, passwords: Sequence[bytes], where: Where | None
-) -> Any:
+def loadPrivateKey(path: str, passwords: Sequence[bytes], where: Where | None) -> Any:
     """
     The private key in a PEM file, decrypted with the first passphrase that works.
     """
@@ -203,16 +201,22 @@ def setProtocols(
     return offered
 
 
-def _sessionIdContext(tls: ServerTLS) -> bytes:
+def sessionIdContext(tls: ServerTLS) -> bytes:
     """
-    A session-id context that is the same in every process serving the same
-    certificates and client-verification settings, as nginx derives its own.
+    A session-id context that is the same in every process and on every machine
+    serving the same certificates with the same client verification, as nginx
+    derives its own from the certificates' contents (not their paths), so that
+    instances sharing ticket keys resume each other's sessions.
     """
     digest = hashlib.sha256()
     for pair in tls.certificates:
-        digest.update(pair.certificate.encode("utf-8", "surrogateescape"))
+        for certificate in loadCertificates(pair.certificate, pair.where):
+            digest.update(certificate.fingerprint(hashes.SHA256()))
     digest.update(tls.verifyClient.encode("ascii"))
-    digest.update((tls.clientCertificate or "").encode("utf-8", "surrogateescape"))
+    for path in (tls.clientCertificate, tls.trustedCertificate):
+        if path is not None and tls.verifyClient != "off":
+            for certificate in loadCertificates(path, None):
+                digest.update(certificate.fingerprint(hashes.SHA256()))
     return digest.digest()[:32]
 
 
@@ -371,7 +375,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
     for pair in tls.certificates:
         _useCertificate(context, pair, passwords)
 
-    context.set_session_id(_sessionIdContext(tls))
+    context.set_session_id(sessionIdContext(tls))
     context.set_timeout(max(1, int(tls.sessionTimeout)))
     cache = tls.sessionCache
     if cache.mode == "off":

@@ -6,6 +6,7 @@ sockets, loads the configuration and relays until told to drain (SIGTERM).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -17,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tlsrelay-worker")
     parser.add_argument("--config", required=True)
     parser.add_argument("--listen-fd", action="append", default=[])
+    parser.add_argument("--instance-dir", default=None)
+    parser.add_argument("--ready-fd", type=int, default=None)
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from tlsrelay._listen import BoundListener
     from tlsrelay._relay import WorkerConnections
     from tlsrelay._service import RelayService, build, listenKey
+    from tlsrelay._sessions import SessionSharing
     from tlsrelay.tap import setLogLevel
 
     # A terminal hang-up reaches the whole process group: the master reloads,
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         setLogLevel(config)
         accessLogs = AccessLogFiles()
         connections = WorkerConnections(config.workerConnections)
-        generation = build(config, reactor, accessLogs, connections)
+        sharing = SessionSharing(reactor, "worker", args.instance_dir)
+        generation = build(config, reactor, accessLogs, connections, sharing)
     except ConfigError as e:
         sys.stderr.write(f"tlsrelay worker: [emerg] {e}\n")
         return 1
@@ -54,14 +59,35 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         listeners[key] = BoundListener(listen, inherited[key])
 
-    service = RelayService(generation, listeners, reactor, accessLogs, connections)
+    service = RelayService(
+        generation, listeners, reactor, accessLogs, connections, sharing
+    )
+    reactor.callWhenRunning(sharing.startService)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+        "after", "shutdown", sharing.stopService
+    )
     service.drainTimeout = config.shutdownTimeout
-    reactor.callWhenRunning(service.startService)  # type: ignore[attr-defined]
+
+    def start() -> None:
+        service.startService()
+        if args.ready_fd is not None:
+            # Tell the master this worker accepts connections now.
+            service.listening.addCallback(lambda _: _tellReady(args.ready_fd))
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
         "before", "shutdown", service.stopService
     )
     reactor.run()  # type: ignore[attr-defined]
     return 0
+
+
+def _tellReady(fd: int) -> None:
+    try:
+        os.write(fd, b"ready\n")
+        os.close(fd)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -36,9 +36,20 @@ RESPAWN_DELAY = 1.0
 
 
 class _WorkerProtocol(ProcessProtocol):
-    def __init__(self, supervisor: WorkerSupervisor, worker: Worker) -> None:
+    def __init__(
+        self, supervisor: WorkerSupervisor, worker: Worker, readyFD: int
+    ) -> None:
         self.supervisor = supervisor
         self.worker = worker
+        self.readyFD = readyFD
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if (
+            childFD == self.readyFD
+            and b"ready" in data
+            and not self.worker.ready.called
+        ):
+            self.worker.ready.callback(None)
 
     def processEnded(self, reason: Failure) -> None:
         self.supervisor.workerEnded(self.worker, reason)
@@ -55,17 +66,21 @@ class Worker:
     process: Any = None
     pid: int = 0
     ended: Deferred[None] = field(factory=Deferred)
+    ready: Deferred[None] = field(factory=Deferred)
     stopping: bool = False
 
 
 def workerCommand(
-    config: Config, fds: dict[str, int], environ: dict[str, str]
+    config: Config, fds: dict[str, int], instanceDirectory: str | None, readyFD: int
 ) -> list[str]:
     """
-    The command line of a worker: the configuration and which inherited
-    descriptor is which C{listen} address.
+    The command line of a worker: the configuration, which inherited descriptor
+    is which C{listen} address, and where the master shares session state.
     """
     args = [sys.executable, "-m", "tlsrelay._worker", "--config", config.path]
+    args += ["--ready-fd", str(readyFD)]
+    if instanceDirectory is not None:
+        args += ["--instance-dir", instanceDirectory]
     for key, fd in sorted(fds.items()):
         args += ["--listen-fd", f"{fd}={key}"]
     return args
@@ -87,7 +102,9 @@ class WorkerSupervisor(Service):
         load: Callable[[str], Config],
         bindNew: Callable[[Config, dict[str, BoundListener]], dict[str, BoundListener]],
         environ: dict[str, str] | None = None,
+        instanceDirectory: str | None = None,
     ) -> None:
+        self.instanceDirectory = instanceDirectory
         self.config = config
         self.listeners = listeners
         self.reactor = reactor
@@ -114,10 +131,12 @@ class WorkerSupervisor(Service):
         for number, (key, listener) in enumerate(sorted(self.listeners.items()), 3):
             childFDs[number] = listener.socket.fileno()
             fds[key] = number
+        readyFD = 3 + len(fds)
+        childFDs[readyFD] = "r"
         worker.process = self.reactor.spawnProcess(
-            _WorkerProtocol(self, worker),
+            _WorkerProtocol(self, worker, readyFD),
             sys.executable,
-            workerCommand(self.config, fds, self.environ),
+            workerCommand(self.config, fds, self.instanceDirectory, readyFD),
             env=self.environ,
             childFDs=childFDs,
         )
@@ -140,6 +159,10 @@ class WorkerSupervisor(Service):
             reason.value.exitCode if isinstance(reason.value, ProcessTerminated) else 0
         )
         worker.ended.callback(None)
+        if not worker.ready.called:
+            worker.ready.errback(
+                RuntimeError(f"worker {worker.pid} exited before it was ready")
+            )
         if worker.stopping or self.stopping:
             log.info("worker {pid} exited", pid=worker.pid)
             return
@@ -181,14 +204,35 @@ class WorkerSupervisor(Service):
         removed = [key for key in self.listeners if key not in wanted]
         self.listeners.update(new)
         old = list(self.workers)
-        self.config = config
-        for key in removed:
-            self.listeners[key].socket.close()
-            del self.listeners[key]
+        previous, self.config = self.config, config
         self._startGeneration()
-        self._stopWorkers(old)
-        log.info("reloaded {path}", path=path)
-        return succeed(True)
+        fresh = [w for w in self.workers if w.generation == self.generation]
+
+        def ready(_: object) -> bool:
+            # Only now do the old workers stop accepting: there is never a moment
+            # without a worker accepting.
+            for key in removed:
+                self.listeners.pop(key).socket.close()
+            self._stopWorkers(old)
+            log.info("reloaded {path}", path=path)
+            return True
+
+        def failed(failure: Failure) -> bool:
+            log.error(
+                "reload failed, keeping the running workers: {error}",
+                error=failure.getErrorMessage(),
+            )
+            self.config = previous
+            self.generation -= 1
+            self._stopWorkers(fresh)
+            for key in new:
+                self.listeners.pop(key).socket.close()
+            return False
+
+        waiting: Deferred[Any] = DeferredList(
+            [w.ready for w in fresh], fireOnOneErrback=True, consumeErrors=True
+        )
+        return waiting.addCallbacks(ready, failed)
 
     def _stopWorkers(self, workers: list[Worker]) -> Deferred[Any]:
         for worker in workers:

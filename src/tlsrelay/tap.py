@@ -104,6 +104,7 @@ def makeService(options: Options) -> IService:
         build,
         configListens,
     )
+    from tlsrelay._sessions import SessionSharing
     from tlsrelay._workers import WorkerSupervisor
 
     top = MultiService()
@@ -120,7 +121,13 @@ def makeService(options: Options) -> IService:
         globalLogPublisher.addObserver(cast(ILogObserver, _printWarnings))
         try:
             config = loadConfig(path)
-            checked = build(config, reactor, AccessLogFiles(), WorkerConnections(1))
+            checked = build(
+                config,
+                reactor,
+                AccessLogFiles(),
+                WorkerConnections(1),
+                SessionSharing(reactor, "check"),
+            )
         except ConfigError as e:
             raise _fail(str(e)) from None
         checked.closeErrorLogs()
@@ -143,12 +150,16 @@ def makeService(options: Options) -> IService:
     setLogLevel(config)
     accessLogs = AccessLogFiles()
     connections = WorkerConnections(config.workerConnections)
+    master = config.workerProcesses > 1
+    sharing = SessionSharing(reactor, "master" if master else "single")
     try:
-        generation = build(config, reactor, accessLogs, connections)
+        generation = build(config, reactor, accessLogs, connections, sharing)
         listeners = bindAll(configListens(config), {})
     except ConfigError as e:
         accessLogs.close()
+        sharing.stopService()
         raise _fail(str(e)) from None
+    sharing.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     if parent is not None:
         if not config.daemon:
@@ -156,33 +167,36 @@ def makeService(options: Options) -> IService:
         if config.pidFile is not None:
             parent["pidfile"] = config.pidFile
     relay: Any
-    if config.workerProcesses > 1:
-        # The master only validates, binds and supervises; workers relay.
+    if master:
+        # The master validates, binds, owns shared session state and supervises;
+        # workers relay.
         generation.closeErrorLogs()
         accessLogs.close()
-        relay = WorkerSupervisor(config, listeners, reactor, _validate, _bindNew)
+
+        def validate(path: str) -> Any:
+            sharing.reload()
+            config = loadConfig(path)
+            build(
+                config, reactor, AccessLogFiles(), WorkerConnections(1), sharing
+            ).closeErrorLogs()
+            return config
+
+        relay = WorkerSupervisor(
+            config,
+            listeners,
+            reactor,
+            validate,
+            _bindNew,
+            instanceDirectory=sharing.directory,
+        )
     else:
-        relay = RelayService(generation, listeners, reactor, accessLogs, connections)
+        relay = RelayService(
+            generation, listeners, reactor, accessLogs, connections, sharing
+        )
         relay.drainTimeout = config.shutdownTimeout
     relay.setServiceParent(top)  # type: ignore[no-untyped-call]
     installSignals(reactor, relay, accessLogs)
     return top
-
-
-def _validate(path: str) -> Any:
-    """
-    Load a configuration and build its TLS contexts (what a worker will do).
-    """
-    from twisted.internet import reactor
-
-    from tlsrelay._accesslog import AccessLogFiles
-    from tlsrelay._config._load import loadConfig
-    from tlsrelay._relay import WorkerConnections
-    from tlsrelay._service import build
-
-    config = loadConfig(path)
-    build(config, reactor, AccessLogFiles(), WorkerConnections(1)).closeErrorLogs()
-    return config
 
 
 def _bindNew(config: Any, bound: Any) -> Any:

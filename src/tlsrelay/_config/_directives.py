@@ -19,6 +19,7 @@ from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import (
     Address,
     CertificatePair,
+    HealthCheck,
     KeepAlive,
     Listen,
     SessionCache,
@@ -444,6 +445,39 @@ def _balancer(method: str) -> Handler:
     return handle
 
 
+def _healthCheck(d: Directive, loader: Loader, settings: Settings) -> None:
+    params: dict[str, Any] = {}
+    for arg in d.args:
+        name, eq, value = arg.partition("=")
+        if not eq:
+            if arg in ("udp", "mandatory", "persistent"):
+                raise d.error(
+                    f'the "{arg}" parameter of "health_check" is not supported yet'
+                )
+            raise d.error(f'invalid parameter "{arg}"')
+        if name in ("interval", "jitter"):
+            try:
+                params[name] = parseTime(value)
+            except ValueError:
+                raise invalid(d, arg) from None
+            if name == "interval" and params[name] <= 0:
+                raise invalid(d, arg)
+        elif name in ("fails", "passes"):
+            params[name] = integer(d, value, 1)
+        elif name == "port":
+            port = integer(d, value, 1)
+            if port > 65535:
+                raise invalid(d, arg)
+            params["port"] = port
+        elif name in ("match", "uri"):
+            raise d.error(
+                f'the "{name}" parameter of "health_check" is not supported yet'
+            )
+        else:
+            raise d.error(f'invalid parameter "{arg}"')
+    settings["_healthCheck"] = HealthCheck(**params)
+
+
 def _errorLog(d: Directive, loader: Loader, settings: Settings) -> None:
     levels = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
     path = d.args[0]
@@ -547,6 +581,19 @@ def _specs() -> list[Spec]:
         Spec("ssl_session_cache", both, (1, 2), _sessionCache),
         Spec("ssl_session_timeout", both, (1, 1), _time("sessionTimeout", "s")),
         Spec("ssl_session_tickets", both, (1, 1), _flag("sessionTickets")),
+        Spec(
+            "ssl_session_ticket_key",
+            both,
+            (1, 1),
+            _pathList("ticketKeyFiles"),
+            repeatable=True,
+        ),
+        Spec(
+            "ssl_session_ticket_key_rotation",
+            both,
+            (1, 1),
+            _time("ticketKeyRotation", "s"),
+        ),
         Spec("ssl_client_certificate", both, (1, 1), _path("clientCertificate")),
         Spec("ssl_trusted_certificate", both, (1, 1), _path("trustedCertificate")),
         Spec(
@@ -566,6 +613,7 @@ def _specs() -> list[Spec]:
         Spec("proxy_next_upstream_timeout", both, (1, 1), _time("nextUpstreamTimeout")),
         Spec("proxy_half_close", both, (1, 1), _flag("halfClose")),
         Spec("proxy_buffer_size", both, (1, 1), _bufferSize),
+        Spec("health_check", S({SERVER}), (0, None), _healthCheck),
         # proxy_ssl_* (stream and server): TLS to the upstream servers
         Spec("proxy_ssl", both, (1, 1), _flag("u_enabled")),
         Spec("proxy_ssl_certificate", both, (1, 1), _path("u_certificate")),
@@ -594,13 +642,9 @@ def _specs() -> list[Spec]:
         Spec("proxy_ssl_session_reuse", both, (1, 1), _flag("u_sessionReuse")),
     ]
     later = {
-        "the sessions issue": [
-            ("ssl_session_ticket_key", both),
-        ],
         "the upstream TLS issue": [
             ("proxy_ssl_certificate_cache", both),
             ("proxy_ssl_key_log", both),
-            ("health_check", S({SERVER})),
             ("zone", S({UPSTREAM})),
         ],
         "the HTTP issue": [("http", S({MAIN}))],

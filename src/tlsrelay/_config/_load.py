@@ -216,6 +216,10 @@ def _server(
     returnValue: str | None = None
     if proxyPass is not None:
         target = _proxyTarget(proxyPass, upstreamNames)
+    elif "_healthCheck" in own:
+        raise ConfigError(
+            '"health_check" needs "proxy_pass" in the same server', d.file, d.line
+        )
     else:
         assert returnDirective is not None
         returnValue = returnDirective.args[0]
@@ -250,6 +254,7 @@ def _server(
         tls=tls,
         proxy=proxy,
         accessLogs=tuple(accessLogs),
+        healthCheck=own.get("_healthCheck"),
         where=where(d),
     )
 

@@ -142,6 +142,8 @@ class ServerTLS:
     sessionCache: SessionCache = SessionCache()
     sessionTimeout: float = 300.0
     sessionTickets: bool = True
+    ticketKeyFiles: tuple[str, ...] = ()
+    ticketKeyRotation: float | None = None
     clientCertificate: str | None = None
     trustedCertificate: str | None = None
     verifyClient: VerifyClient = "off"

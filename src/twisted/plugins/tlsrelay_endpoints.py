@@ -1,3 +1,4 @@
-from tlsrelay._parsers import TLSRelayServerParser
+from tlsrelay._parsers import TLSRelayPoolParser, TLSRelayServerParser
 
 tlsrelayServerParser = TLSRelayServerParser()
+tlsrelayPoolParser = TLSRelayPoolParser()
