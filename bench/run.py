@@ -715,7 +715,7 @@ class Bench:
                 cell = "n/a (failed)"
             relay.broken[s.name] = (cell, reason)
             fatal = relay.name == "nginx" or s.name == "ecdsa" or self.opts.strict
-            self.problem(relay.name, s.name, f"did not start: {reason}", fatal)
+            self.problem(relay.name, s.name, f"did not start or relay: {reason}", fatal)
             return {"error": reason}
         try:
             for step in s.steps:
@@ -1187,8 +1187,9 @@ def _value(rnd: dict[str, Any], relay: str, row: Row) -> float | None:
 
 
 def _scaling(rnd: dict[str, Any], relay: str) -> float | None:
-    one = _value(rnd, relay, INFO_ROWS[-2])
-    two = _value(rnd, relay, INFO_ROWS[-1])
+    byLabel = {row.label: row for row in INFO_ROWS}
+    one = _value(rnd, relay, byLabel["unpinned 1 worker: handshakes/s (wall)"])
+    two = _value(rnd, relay, byLabel["unpinned 2 workers: handshakes/s (wall)"])
     return two / one if one and two else None
 
 
@@ -1233,10 +1234,13 @@ def summarize(
             }
         )
 
+    def of(row: Row) -> Callable[[dict[str, Any], str], float | None]:
+        return lambda r, n: _value(r, n, row)
+
     for row in ROWS:
         add(
             row.label,
-            lambda r, n, row=row: _value(r, n, row),
+            of(row),
             row.fmt,
             row.lowerIsBetter,
             row.scenario,
@@ -1247,7 +1251,7 @@ def summarize(
     for row in INFO_ROWS:
         add(
             row.label,
-            lambda r, n, row=row: _value(r, n, row),
+            of(row),
             row.fmt,
             row.lowerIsBetter,
             row.scenario,
@@ -1522,22 +1526,22 @@ def main(argv: list[str]) -> int:
             print(f"- {pr['relay']} / {pr['scenario']}: {first}")
             for line in rest.splitlines()[-12:]:
                 print(f"    {line}")
-        for (relay, scen, last), n in seen.items():
+        for (who, scen, last), n in seen.items():
             if n > 1:
-                print(f"- {relay} / {scen}: the same again, {n} times in all: {last}")
+                print(f"- {who} / {scen}: the same again, {n} times in all: {last}")
     notes = {
-        (relay.name, s): r["log_notes"]
+        (rel.name, scen): r["log_notes"]
         for rnd in results
-        for s, per in rnd.items()
-        for relay in relays
-        if "log_notes" in (r := per.get(relay.name, {}))
+        for scen, per in rnd.items()
+        for rel in relays
+        if "log_notes" in (r := per.get(rel.name, {}))
     }
     if notes:
         print()
         print("log lines worth reading:")
-        for (name, s), lines in notes.items():
+        for (name, scen), lines in notes.items():
             for line in lines[:4]:
-                print(f"- {name} / {s}: {line}")
+                print(f"- {name} / {scen}: {line}")
 
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,9 @@ from twisted.internet.error import (
     ConnectingCancelledError,
     ConnectionLost,
     ConnectionRefusedError,
-    TimeoutError,
+)
+from twisted.internet.error import (
+    TimeoutError as ConnectTimeoutError,
 )
 from twisted.internet.interfaces import (
     IAddress,
@@ -370,14 +372,15 @@ class ConnectPeerTests(SynchronousTestCase):
     def test_timeout(self) -> None:
         """
         An attempt that does not connect in time is stopped and fails with
-        L{TimeoutError}; a refused one with the refusal; neither is counted.
+        L{twisted.internet.error.TimeoutError}; a refused one with the refusal;
+        neither is counted.
         """
         pool, reactor = threeServers()
         peer = pool.peers.primary[0]
         d = pool.connectPeer(peer, factory(), 2.0)
         reactor.advance(2.0)
         self.assertTrue(reactor.connectors[0].stoppedConnecting)
-        self.failureResultOf(d, TimeoutError)
+        self.failureResultOf(d, ConnectTimeoutError)
         d = pool.connectPeer(peer, factory(), 2.0)
         refuse(reactor)
         self.failureResultOf(d, ConnectionRefusedError)

@@ -11,18 +11,22 @@ the connection is closed at once (with a TLS close_notify).  C{fails} failures i
 row mark the peer unhealthy, C{passes} successes in a row healthy again, through
 L{UpstreamPool.markHealthy}, which logs the change with what the last check found.
 
-As in nginx without C{mandatory} (which we do not support), a peer starts healthy:
-clients are relayed to it before its first check.  The first round begins when the
-service starts.  Checks of one peer never overlap: a peer whose check is still
-running when a round begins is checked again as soon as that check ends.  Each
-round reads the pool's peers afresh, so peers that L{UpstreamPool.resolveAll}
-replaced are checked from the next round on.  Checks count nothing for passive
-health (C{max_fails}) and open no relayed connection (C{least_conn}, C{max_conns}).
+As in nginx without C{mandatory} (which we do not support), a peer starts healthy,
+also after a reload: clients are relayed to it before its first check.  The first
+round begins when the service starts.  Checks of one peer never overlap: a peer
+whose check is still running when a round begins is checked again when that check
+ends, after a new jitter delay (and one still waiting out its delay, when C{jitter}
+exceeds C{interval}, is not scheduled twice).  Each round reads the pool's peers
+afresh, so peers that L{UpstreamPool.resolveAll} replaced are checked from the
+next round on and the replaced ones are forgotten.  Checks count nothing for
+passive health (C{max_fails}) and open no relayed connection (C{least_conn},
+C{max_conns}).
 
-Differences from nginx Plus: the connect (and handshake) timeout is C{interval}, not
-C{proxy_connect_timeout}; there are no C{match} tests, so C{health_check_timeout}
-has nothing to time; each worker process checks on its own (nginx shares one
-check per peer through the C{zone}); a peer's state is not kept across a reload.
+Differences from nginx Plus: the connect (and handshake) timeout is C{interval},
+not C{proxy_connect_timeout}; there are no C{match} tests, so
+C{health_check_timeout} has nothing to time; each worker process checks on its own
+(nginx shares one check per peer through the C{zone}); the checker marks the pool
+of its own C{server} only.
 """
 
 from __future__ import annotations

@@ -112,7 +112,9 @@ def _unknownKeyword(keyword: str) -> ValueError:
     return _fail(f'unknown keyword "{keyword}"{hint}')
 
 
-def _arguments(keyword: str, value: str, split: Split) -> list[tuple[str, ...]]:
+def _arguments(
+    keyword: str, value: str, split: Split, prefix: str = _PREFIX
+) -> list[tuple[str, ...]]:
     """
     The argument lists of the directives that C{keyword=value} stands for.
     """
@@ -123,7 +125,7 @@ def _arguments(keyword: str, value: str, split: Split) -> list[tuple[str, ...]]:
     else:
         items = [i.strip() for i in value.split(";" if split == "commands" else ",")]
     if not all(items):
-        raise _fail(f'"{keyword}={value}" has an empty value')
+        raise _fail(f'"{keyword}={value}" has an empty value', prefix)
     if split == "words":
         return [tuple(items[0].split(" "))]
     if split == "commands":
@@ -131,7 +133,8 @@ def _arguments(keyword: str, value: str, split: Split) -> list[tuple[str, ...]]:
         for pair, item in zip(pairs, items):
             if len(pair) != 2:
                 raise _fail(
-                    f'"{keyword}={value}": "{item}" is not a "Name Value" command'
+                    f'"{keyword}={value}": "{item}" is not a "Name Value" command',
+                    prefix,
                 )
         return pairs
     return [(item,) for item in items]
@@ -529,7 +532,7 @@ def poolFromKeywords(
         if keyword not in keywords:
             continue
         value = _text(keywords[keyword])
-        for args in _arguments(keyword, value, split):
+        for args in _arguments(keyword, value, split, _POOL_PREFIX):
             _runDirective(
                 keyword, value, name, args, SERVER, loader, settings, _POOL_PREFIX
             )
@@ -599,6 +602,7 @@ class TLSRelayPoolParser:
 
         from tlsrelay.endpoints import TLSRelayPoolEndpoint
 
+        args = tuple(arg for arg in args if _text(arg))
         if args:
             raise _poolFail(
                 f'unexpected argument "{_text(args[0])}": {self.prefix}: takes'

@@ -40,6 +40,7 @@ from tlsrelay._config._model import (
     UpstreamGroup,
     UpstreamServer,
 )
+from tlsrelay._health import HealthChecker
 from tlsrelay._listen import BoundListener, bindSocket
 from tlsrelay._log import Logger
 from tlsrelay._pool import UpstreamPool
@@ -110,6 +111,16 @@ class Generation:
     factories: list[tuple[Listen, IProtocolFactory]]
     pools: list[UpstreamPool]
     errorLogs: list[tuple[IO[str], ILogObserver]] = field(factory=list)
+    checkers: list[HealthChecker] = field(factory=list)
+
+    def startChecks(self) -> None:
+        for checker in self.checkers:
+            checker.startService()
+
+    def stopChecks(self) -> None:
+        for checker in self.checkers:
+            if checker.running:
+                checker.stopService()
 
     def closeErrorLogs(self) -> None:
         for stream, _ in self.errorLogs:
@@ -173,6 +184,10 @@ def build(
             )
             pool = UpstreamPool(group, reactor, rng, tlsFor=tlsFor)
             generation.pools.append(pool)
+            if server.healthCheck is not None:
+                generation.checkers.append(
+                    HealthChecker(pool, server.healthCheck, reactor, rng)
+                )
             connect = _connector(pool, server)
             if group.balancer.method == "hash":
                 hashKey = compileTemplate(group.balancer.key)
@@ -294,9 +309,13 @@ class RelayService(MultiService):
     def startService(self) -> None:
         self._observe(self.generation)
         super().startService()  # type: ignore[no-untyped-call]
-        self.listening = self._resolve(self.generation).addCallback(
-            lambda _: self._listen(self.generation)
-        )
+        generation = self.generation
+
+        def listen(_: object) -> None:
+            generation.startChecks()
+            self._listen(generation)
+
+        self.listening = self._resolve(generation).addCallback(listen)
         self.listening.addErrback(self._failed)
 
     def _observe(self, generation: Generation) -> None:
@@ -371,7 +390,9 @@ class RelayService(MultiService):
             self.listeners.update(new)
             old, self.generation = self.generation, generation
             self._observe(generation)
+            generation.startChecks()
             self._listen(generation)
+            old.stopChecks()
             self._unobserve(old)
             self.accessLogs.reopen()
             log.info("reloaded {path}", path=path)
@@ -403,6 +424,7 @@ class RelayService(MultiService):
         Stop accepting, then wait for open connections to finish, at most
         L{drainTimeout} seconds.
         """
+        self.generation.stopChecks()
         waiting = [port.stopListening() for port in self.ports.values()]
         self.ports = {}
         super().stopService()  # type: ignore[no-untyped-call]

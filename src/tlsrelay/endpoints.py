@@ -43,6 +43,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
@@ -99,7 +100,9 @@ class _Releasing(Protocol):
     protocol is connected to the real transport (a TCP connection, or the
     C{TLSMemoryBIOProtocol} with upstream TLS), so its writes, producers and
     C{ISSLTransport} calls do not pass through here; only the transport's calls
-    to the protocol (data, half-close, connection lost) do.
+    to the protocol (data, half-close, connection lost) do.  With TLS, the
+    pool connects the protocol after the handshake, so an C{IHandshakeListener}
+    is told of the handshake when it is connected.
 
     @ivar wrapped: the caller's protocol.
     @ivar connection: the pool's connection, once it is known.
@@ -113,11 +116,7 @@ class _Releasing(Protocol):
         self.connection: UpstreamConnection | None = None
         self.received = False
         self.lostFailed: bool | None = None
-        for interface in (
-            IHalfCloseableProtocol,
-            IFileDescriptorReceiver,
-            IHandshakeListener,
-        ):
+        for interface in (IHalfCloseableProtocol, IFileDescriptorReceiver):
             if interface.providedBy(wrapped):
                 alsoProvides(self, interface)
 
@@ -137,7 +136,16 @@ class _Releasing(Protocol):
         return self.wrapped.__class__.__name__
 
     def connectionMade(self) -> None:
-        self.wrapped.makeConnection(self.transport)  # type: ignore[arg-type]
+        transport = self.transport
+        assert transport is not None
+        self.wrapped.makeConnection(transport)
+        # The pool connects the protocol once the TLS handshake is complete: a
+        # protocol that listens for the handshake hears of it now, as it would
+        # from Twisted's TLS layer.
+        if isinstance(transport, TLSMemoryBIOProtocol) and (
+            IHandshakeListener.providedBy(self.wrapped)
+        ):
+            IHandshakeListener(self.wrapped).handshakeCompleted()
 
     def dataReceived(self, data: bytes) -> None:
         self.received = True
@@ -151,9 +159,6 @@ class _Releasing(Protocol):
 
     def writeConnectionLost(self) -> None:
         IHalfCloseableProtocol(self.wrapped).writeConnectionLost()
-
-    def handshakeCompleted(self) -> None:
-        IHandshakeListener(self.wrapped).handshakeCompleted()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # A connection the upstream broke (reset, TLS error) before sending a
