@@ -504,3 +504,52 @@ class DemoTests(SynchronousTestCase):
             process.terminate()
             process.wait(10)
             log.close()
+
+
+class FailoverTests(RelayTestCase):
+    """
+    Passive health: with one of three upstreams down, clients see no error and
+    the dead one is tried again only after C{fail_timeout}.
+    """
+
+    def test_oneDown(self) -> None:
+        a = self.upstream(b"a\n")
+        c = self.upstream(b"c\n")
+        dead = freePort()
+        port = freePort()
+        relay = self.relay(
+            f"""
+stream {{
+    upstream backend {{
+        server 127.0.0.1:{a};
+        server 127.0.0.1:{dead} max_fails=1 fail_timeout=2s;
+        server 127.0.0.1:{c};
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate server.pem;
+        ssl_certificate_key server.key;
+        proxy_pass backend;
+    }}
+}}
+"""
+        )
+        failed = f"connect() to 127.0.0.1:{dead} failed"
+
+        def round(count: int) -> list[str]:
+            answers = []
+            for _ in range(count):
+                with self.tlsConnect(port) as tls:
+                    answers.append(tls.recv(10).strip().decode())
+            return answers
+
+        self.assertEqual(set(round(6)), {"a", "c"})
+        self.assertEqual(relay.output().count(failed), 1)
+        started = time.monotonic()
+        self.assertEqual(set(round(6)), {"a", "c"})
+        if time.monotonic() - started < 2:
+            # Still within fail_timeout: the dead server was left alone.
+            self.assertEqual(relay.output().count(failed), 1)
+        time.sleep(2.2)
+        self.assertEqual(set(round(6)), {"a", "c"})
+        self.assertEqual(relay.output().count(failed), 2)
