@@ -159,7 +159,9 @@ class ErrorTests(LoadMixin, SynchronousTestCase):
 
     def test_badTicketKeyRotation(self) -> None:
         self.assertError(
-            "stream {\n  ssl_session_ticket_key_rotation soon;\n" + SERVER_BLOCK + "}\n",
+            "stream {\n  ssl_session_ticket_key_rotation soon;\n"
+            + SERVER_BLOCK
+            + "}\n",
             'invalid value "soon" in "ssl_session_ticket_key_rotation" directive',
             2,
         )

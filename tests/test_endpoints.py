@@ -43,6 +43,7 @@ from zope.interface.verify import verifyObject
 
 from tests._iosim import FakeTransport, IOPump, connect
 from tlsrelay._config._model import CertificatePair, ServerTLS, SessionCache
+from tlsrelay._openssl import sessionReused
 from tlsrelay._parsers import (
     SERVER_KEYWORDS,
     TLSRelayServerParser,
@@ -486,7 +487,14 @@ class ParserTests(SynchronousTestCase):
             if not name.startswith("_")
         }
         self.assertEqual(
-            set(public), {"TLSRelayServerParser", "tlsrelayServerParser"}, public
+            set(public),
+            {
+                "TLSRelayServerParser",
+                "tlsrelayServerParser",
+                "TLSRelayPoolParser",
+                "tlsrelayPoolParser",
+            },
+            public,
         )
 
     def test_lazyImports(self) -> None:
@@ -782,17 +790,36 @@ class ParserTests(SynchronousTestCase):
             "tcp\\:8443\\:interface\\=127.0.0.1",
         )
 
-    def test_notSupportedYet(self) -> None:
+    def test_ticketKeys(self) -> None:
         """
-        Ticket keys belong to the sessions issue; using them now says so.
+        C{sessionTicketKey=} takes nginx key files (repeatable with C{,}); the
+        endpoint installs them, so two endpoints with the same file resume each
+        other's tickets; a bad file is an error naming it.
         """
-        for keyword in ("ticketKeys", "ticketRotation", "sessionTicketKey"):
-            self.assertParseError(
-                f"tlsrelay:tcp\\:443:certificate=server.pem:{keyword}=x",
-                f'"{keyword}"',
-                "not supported yet",
-                "the sessions issue",
+        keyFile = os.path.join(self.directory, "ticket.key")
+        with open(keyFile, "wb") as f:
+            f.write(os.urandom(80))
+        endpoints = [
+            self.parse(
+                "tlsrelay:tcp\\:443:certificate=server.pem:certificateKey=server.key"
+                f":sessionTicketKey={keyFile}:sessionTicketKeyRotation=1h"
             )
+            for _ in range(2)
+        ]
+        contexts = [e.contextFactory.context for e in endpoints]  # type: ignore[union-attr]
+        client = SSL.Context(SSL.TLS_METHOD)
+        _, first = memoryHandshake(contexts[0], client)
+        session = first.get_session()
+        _, second = memoryHandshake(contexts[1], client, session=session)
+        self.assertTrue(sessionReused(second))
+        short = os.path.join(self.directory, "short.key")
+        with open(short, "wb") as f:
+            f.write(b"x" * 10)
+        self.assertParseError(
+            "tlsrelay:tcp\\:443:certificate=server.pem:certificateKey=server.key"
+            f":sessionTicketKey={short}",
+            "must be 48 or 80 bytes",
+        )
 
     def test_badValues(self) -> None:
         """

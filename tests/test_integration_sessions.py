@@ -70,7 +70,7 @@ class SessionTestCase(RelayTestCase):
                 if not chunk:
                     break
                 data += chunk
-            return data.decode().split(), tls.session, tls.session_reused
+            return data.decode().split(), tls.session, bool(tls.session_reused)
 
     def context(self, version: ssl.TLSVersion) -> ssl.SSLContext:
         context = self.clientContext()

@@ -64,6 +64,7 @@ SERVER_KEYWORDS: dict[str, tuple[str, Split]] = {
     "sessionTimeout": ("ssl_session_timeout", "one"),
     "sessionTickets": ("ssl_session_tickets", "one"),
     "sessionTicketKey": ("ssl_session_ticket_key", "each"),
+    "sessionTicketKeyRotation": ("ssl_session_ticket_key_rotation", "one"),
     "clientCertificate": ("ssl_client_certificate", "one"),
     "trustedCertificate": ("ssl_trusted_certificate", "one"),
     "verifyClient": ("ssl_verify_client", "one"),
@@ -77,10 +78,7 @@ stands for.
 """
 
 # Keywords with no nginx directive, reserved for features not built yet.
-SERVER_KEYWORDS_LATER: dict[str, str] = {
-    "ticketKeys": "the sessions issue",
-    "ticketRotation": "the sessions issue",
-}
+SERVER_KEYWORDS_LATER: dict[str, str] = {}
 
 _PREFIX = "tlsrelay endpoint"
 _WHERE = "<tlsrelay endpoint>"
@@ -310,7 +308,12 @@ class TLSRelayServerParser:
         from twisted.internet.interfaces import IReactorTime
 
         from tlsrelay._config._errors import ConfigError
-        from tlsrelay._tls import ServerContextFactory, buildServerContext
+        from tlsrelay._sessions import SessionSharing
+        from tlsrelay._tls import (
+            ServerContextFactory,
+            buildServerContext,
+            sessionIdContext,
+        )
         from tlsrelay.endpoints import TLSRelayServerEndpoint
 
         endpoint = kwargs.pop("endpoint", None)
@@ -323,8 +326,10 @@ class TLSRelayServerParser:
         if not IReactorTime.providedBy(reactor):
             raise TypeError(f"{_PREFIX}: the reactor must provide IReactorTime")
         clock = IReactorTime(reactor)
+        sharing = SessionSharing(clock)
         try:
             context = buildServerContext(tls)
+            sharing.install(context, tls, sessionIdContext(tls), None)
         except ConfigError as e:
             hint = ""
             if "certificate key" in e.message and any(
@@ -340,6 +345,7 @@ class TLSRelayServerParser:
             ServerContextFactory(context),
             tls.handshakeTimeout,
             clock,
+            sharing,
         )
 
 

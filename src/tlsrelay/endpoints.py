@@ -27,6 +27,7 @@ from __future__ import annotations
 import random as _random
 
 from attrs import define, field, frozen
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
@@ -72,17 +73,22 @@ class TLSRelayServerEndpoint:
     @ivar handshakeTimeout: seconds a client has to complete its handshake, as
         nginx's C{ssl_handshake_timeout}; L{None} for no limit.
     @ivar clock: the clock for handshake timers (usually the reactor).
+    @ivar sessions: the service that rotates ticket keys and keeps the shared
+        session cache, started on the first L{listen} (or L{None}).
     """
 
     inner: IStreamServerEndpoint
     contextFactory: ServerCreator
     handshakeTimeout: float | None
     clock: IReactorTime
+    sessions: IService | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         """
         Listen on the inner endpoint with TLS around C{protocolFactory}.
         """
+        if self.sessions is not None and not self.sessions.running:
+            self.sessions.startService()
         return self.inner.listen(
             TLSServerFactory(
                 self.contextFactory, protocolFactory, self.handshakeTimeout, self.clock
