@@ -277,6 +277,7 @@ def main() -> None:
     deadline = mpc.Value("d", 0.0)
     procs: list[Any] = []
     target: Callable[..., None]
+    extra: tuple[Any, ...]
     for i in range(args.procs):
         if args.mode == "hold":
             share = args.count // args.procs + (i < args.count % args.procs)

@@ -505,6 +505,11 @@ events {{
 }}
 http {{
     access_log off;
+    client_body_temp_path {run}/tmp-body;
+    proxy_temp_path {run}/tmp-proxy;
+    fastcgi_temp_path {run}/tmp-fastcgi;
+    uwsgi_temp_path {run}/tmp-uwsgi;
+    scgi_temp_path {run}/tmp-scgi;
     sendfile on;
     tcp_nopush on;
     keepalive_requests 10000000;
@@ -546,7 +551,8 @@ def killedBy(errorLog: Path) -> str:
     """Who sent nginx its last SIGTERM/SIGINT/SIGQUIT, from its notice-level log."""
     try:
         found = re.findall(
-            r"signal \d+ \((SIG\w+)\) received from (\d+)", errorLog.read_text()
+            r"signal \d+ \((SIG(?:TERM|INT|QUIT|HUP))\) received from (\d+)",
+            errorLog.read_text(),
         )
     except OSError:
         return "unknown"
@@ -748,6 +754,7 @@ class Bench:
                 if complaint:
                     self.problem(relay.name, s.name, f"on SIGTERM: {complaint}", False)
             else:
+                out["exited"] = proc.popen.returncode
                 self.problem(
                     relay.name,
                     s.name,
@@ -760,6 +767,29 @@ class Bench:
             if notes:
                 out["log_notes"] = notes
         return out
+
+    def runScenarioOnce(self, relay: Relay, s: Scenario, rnd: int) -> dict[str, Any]:
+        """runScenario, once more if something outside stopped a process of ours
+        (this machine is shared; a `pkill -x nginx` elsewhere is not our failure)."""
+        fatal, first = self.fatal, len(self.problems)
+        out = self.runScenario(relay, s, rnd)
+        upstreamGone = not self.upstream.alive()
+        signalled = out.get("exited") is not None and out["exited"] <= 0
+        if not (upstreamGone or signalled):
+            return out
+        who = killedBy(self.env.work / "upstream-error.log") if upstreamGone else ""
+        for pr in self.problems[first:]:
+            pr["fatal"] = False
+        self.fatal = fatal
+        self.problem(
+            relay.name,
+            s.name,
+            "stopped from outside "
+            + (f"(upstream: {who})" if upstreamGone else "(status 0 or a signal)")
+            + "; running the scenario again",
+            False,
+        )
+        return self.runScenario(relay, s, rnd)
 
     def step(self, step: str, s: Scenario, proc: Proc, port: int) -> dict[str, Any]:
         o = self.opts
@@ -1486,7 +1516,7 @@ def main(argv: list[str]) -> int:
                     here[s.name] = {}
                     for relay in order:
                         log(f"round {rnd + 1}/{rounds}: {s.name} / {relay.name}")
-                        here[s.name][relay.name] = bench.runScenario(relay, s, rnd)
+                        here[s.name][relay.name] = bench.runScenarioOnce(relay, s, rnd)
                 results.append(here)
         except HarnessError as e:
             log(f"harness: {e}")

@@ -210,7 +210,9 @@ def build(
                 hashKey=hashKey,
             )
             if listen.ssl:
-                factory = TLSMemoryBIOFactory(contexts[index], False, factory)
+                factory = TLSMemoryBIOFactory(
+                    contexts[index], False, factory, clock=reactor
+                )
             generation.factories.append((listen, factory))
     _openAccessLogs(accessLogs, config)
     generation.errorLogs = openErrorLogs(config)
