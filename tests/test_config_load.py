@@ -473,15 +473,17 @@ stream {
         """
         config = self.load(
             "stream {\n  ssl_session_ticket_key current.key;\n"
-            "  ssl_session_ticket_key /keys/previous.key;\n"
-            "  ssl_session_ticket_key_rotation 1h;\n" + SERVER_BLOCK + "}\n"
+            "  ssl_session_ticket_key /keys/previous.key;\n" + SERVER_BLOCK + "}\n"
         )
         tls = config.servers[0].tls
         self.assertEqual(
             tls.ticketKeyFiles,
             (os.path.join(self._dir, "current.key"), "/keys/previous.key"),
         )
-        self.assertEqual(tls.ticketKeyRotation, 3600)
+        generated = self.load(
+            "stream {\n  ssl_session_ticket_key_rotation 1h;\n" + SERVER_BLOCK + "}\n"
+        )
+        self.assertEqual(generated.servers[0].tls.ticketKeyRotation, 3600)
 
     def test_accessLog(self) -> None:
         config = self.load(
@@ -492,3 +494,25 @@ stream {
         [log] = config.servers[0].accessLogs
         self.assertEqual(log.path, os.path.join(self._dir, "logs/a.log"))
         self.assertEqual(log.format, "$remote_addr $ssl_protocol")
+
+
+class CrossCheckTests(LoadMixin, SynchronousTestCase):
+    def test_wildcardAndSpecific(self) -> None:
+        error = self.assertRaises(
+            ConfigError,
+            self.load,
+            "stream {\n  server { listen 443; return a; }\n"
+            "  server {\n    listen 127.0.0.1:443;\n    return b;\n  }\n}\n",
+        )
+        self.assertEqual(error.line, 4)
+        self.assertIn('"127.0.0.1:443" and the wildcard "0.0.0.0:443"', error.message)
+
+    def test_rotationWithFiles(self) -> None:
+        error = self.assertRaises(
+            ConfigError,
+            self.load,
+            "stream {\n  server {\n    listen 1;\n    ssl_session_ticket_key a.key;\n"
+            "    ssl_session_ticket_key_rotation 1h;\n    return a;\n  }\n}\n",
+        )
+        self.assertEqual(error.line, 2)
+        self.assertIn("rotate by replacing the files", error.message)

@@ -553,3 +553,25 @@ stream {{
         time.sleep(2.2)
         self.assertEqual(set(round(6)), {"a", "c"})
         self.assertEqual(relay.output().count(failed), 2)
+
+
+class HostNotFoundTests(RelayTestCase):
+    def test_unresolvableUpstream(self) -> None:
+        """
+        An upstream host name that does not resolve fails C{--check} and start-up
+        with nginx's message, as nginx does at load.
+        """
+        path = os.path.join(self.dir, "relay.conf")
+        with open(path, "w") as f:
+            f.write(
+                "stream {\n  upstream b {\n    server no-such-host.invalid:80;\n  }\n"
+                f"  server {{\n    listen 127.0.0.1:{freePort()};\n"
+                "    proxy_pass b;\n  }\n}\n"
+            )
+        for args in (["--config", path, "--check"], ["--config", path]):
+            result = runTwistd(args, self.dir)
+            self.assertEqual(result.returncode, 1, result.stderr)
+            self.assertIn(
+                f'host not found in upstream "no-such-host.invalid:80" in {path}:3',
+                result.stderr,
+            )

@@ -12,7 +12,9 @@ nothing is dropped), and drains on shutdown.
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from typing import IO, Any
@@ -43,6 +45,7 @@ from tlsrelay._config._model import (
 from tlsrelay._health import HealthChecker
 from tlsrelay._listen import BoundListener, bindSocket
 from tlsrelay._log import Logger
+from tlsrelay._openssl import OpenSSLUnavailable
 from tlsrelay._pool import UpstreamPool
 from tlsrelay._relay import RelayFactory, WorkerConnections
 from tlsrelay._sessions import SessionSharing
@@ -92,12 +95,51 @@ def buildContexts(
     contexts: dict[int, ServerContextFactory] = {}
     for index, server in enumerate(config.servers):
         if any(listen.ssl for listen in server.listens):
-            context = buildServerContext(server.tls, server.where)
-            sharing.install(
-                context, server.tls, sessionIdContext(server.tls), server.where
-            )
+            try:
+                context = buildServerContext(server.tls, server.where)
+                sharing.install(
+                    context, server.tls, sessionIdContext(server.tls), server.where
+                )
+            except OpenSSLUnavailable as e:
+                raise ConfigError.at(
+                    f"this TLS library cannot do what the server needs: {e}",
+                    server.where,
+                ) from None
             contexts[index] = ServerContextFactory(context)
     return contexts
+
+
+def checkHosts(config: Config) -> None:
+    """
+    Resolve every host name the upstream servers use, as nginx does at load, so
+    that a name that does not resolve stops start-up (and C{--check}) with
+    C{host not found in upstream "x:80"}.  The pools resolve again when they
+    start, through the reactor.
+    """
+    groups = list(config.upstreams)
+    for server in config.servers:
+        if server.proxyPass is not None and server.proxyPass.address is not None:
+            groups.append(groupFor(server, config))
+    for group in groups:
+        for upstream in group.servers:
+            address = upstream.address
+            if address.kind != "tcp" or _isLiteral(address.host):
+                continue
+            try:
+                socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError):
+                raise ConfigError.at(
+                    f'host not found in upstream "{address}"',
+                    upstream.where or group.where,
+                ) from None
+
+
+def _isLiteral(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @define
@@ -309,6 +351,8 @@ class RelayService(MultiService):
         self.listening: Deferred[Any] = Deferred()
 
     def startService(self) -> None:
+        if not self.sharing.running:
+            self.sharing.startService()  # type: ignore[no-untyped-call]
         self._observe(self.generation)
         super().startService()  # type: ignore[no-untyped-call]
         generation = self.generation
@@ -375,6 +419,7 @@ class RelayService(MultiService):
         log.info("reloading {path}", path=path)
         try:
             config = loadConfig(path)
+            checkHosts(config)
             self.sharing.reload()
             generation = build(
                 config, self.reactor, self.accessLogs, self.connections, self.sharing
@@ -389,6 +434,12 @@ class RelayService(MultiService):
         self.connections.limit = config.workerConnections
 
         def switch(_: object) -> bool:
+            if not self.running:
+                # Stopped while the new configuration was resolving.
+                for listener in new.values():
+                    listener.close()
+                generation.closeErrorLogs()
+                return False
             self.listeners.update(new)
             old, self.generation = self.generation, generation
             self._observe(generation)
@@ -435,6 +486,12 @@ class RelayService(MultiService):
             lambda _: self._closeLogs()
         )
 
+    def _closeLogs(self) -> None:
+        self.accessLogs.close()
+        self._unobserve(self.generation)
+        # Only now: draining connections still used the ticket keys and cache.
+        self.sharing.stopService()
+
     def _drain(self) -> Deferred[None]:
         done: Deferred[None] = Deferred()
         if self.connections.active <= 0:
@@ -461,7 +518,3 @@ class RelayService(MultiService):
 
         check()
         return done
-
-    def _closeLogs(self) -> None:
-        self.accessLogs.close()
-        self._unobserve(self.generation)

@@ -55,16 +55,6 @@ _LEGACY = ("TLSv1", "TLSv1.1")
 _NO_CA_ERRORS = frozenset({18, 19, 20, 21, 27})
 
 
-def _where(where: Where | None) -> tuple[str | None, int | None]:
-    if where is None:
-        return None, None
-    return where.file, where.line
-
-
-def _fail(message: str, where: Where | None) -> ConfigError:
-    return ConfigError(message, *_where(where))
-
-
 def readFile(path: str, what: str, where: Where | None) -> bytes:
     """
     Read a file named by the configuration, or raise a L{ConfigError} that says
@@ -74,13 +64,13 @@ def readFile(path: str, what: str, where: Where | None) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise _fail(f'cannot load {what} "{path}": no such file', where) from None
+        raise ConfigError.at(f'cannot load {what} "{path}": no such file', where) from None
     except PermissionError:
-        raise _fail(f'cannot load {what} "{path}": permission denied', where) from None
+        raise ConfigError.at(f'cannot load {what} "{path}": permission denied', where) from None
     except IsADirectoryError:
-        raise _fail(f'cannot load {what} "{path}": is a directory', where) from None
+        raise ConfigError.at(f'cannot load {what} "{path}": is a directory', where) from None
     except OSError as e:
-        raise _fail(f'cannot load {what} "{path}": {e.strerror}', where) from None
+        raise ConfigError.at(f'cannot load {what} "{path}": {e.strerror}', where) from None
 
 
 def readPasswords(paths: Sequence[str], where: Where | None) -> list[bytes]:
@@ -105,7 +95,7 @@ def loadCertificates(path: str, where: Where | None) -> list[x509.Certificate]:
     except ValueError:
         certificates = []
     if not certificates:
-        raise _fail(
+        raise ConfigError.at(
             f'cannot load certificate "{path}": no PEM certificate found', where
         )
     return certificates
@@ -117,7 +107,7 @@ def loadPrivateKey(path: str, passwords: Sequence[bytes], where: Where | None) -
     """
     data = readFile(path, "certificate key", where)
     if b"PRIVATE KEY-----" not in data:
-        raise _fail(
+        raise ConfigError.at(
             f'cannot load certificate key "{path}": no PEM private key found', where
         )
     candidates: list[bytes | None] = [None, *passwords]
@@ -140,7 +130,7 @@ def loadPrivateKey(path: str, passwords: Sequence[bytes], where: Where | None) -
             )
             continue
         return key
-    raise _fail(f'cannot load certificate key "{path}": {lastError}', where)
+    raise ConfigError.at(f'cannot load certificate key "{path}": {lastError}', where)
 
 
 def offeredProtocols(
@@ -189,7 +179,7 @@ def setProtocols(
             where=where,
         )
     if not offered:
-        raise _fail(
+        raise ConfigError.at(
             f'"{directive}" leaves no protocol that this TLS library can offer', where
         )
     versions = [PROTOCOLS[name] for name in offered]
@@ -251,7 +241,7 @@ def _verifyStandard(
     return bool(ok)
 
 
-def _addCertificateStore(
+def addCertificateStore(
     context: SSL.Context,
     path: str,
     where: Where | None,
@@ -270,7 +260,7 @@ def _addCertificateStore(
             context.add_client_ca(certificate)
 
 
-def _addCRL(context: SSL.Context, path: str, where: Where | None) -> None:
+def addCRL(context: SSL.Context, path: str, where: Where | None) -> None:
     data = readFile(path, "CRL", where)
     store = context.get_cert_store()
     assert store is not None
@@ -279,11 +269,11 @@ def _addCRL(context: SSL.Context, path: str, where: Where | None) -> None:
         try:
             crl = x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n")
         except ValueError:
-            raise _fail(f'cannot load CRL "{path}": bad PEM', where) from None
+            raise ConfigError.at(f'cannot load CRL "{path}": bad PEM', where) from None
         store.add_crl(crl)
         count += 1
     if not count:
-        raise _fail(f'cannot load CRL "{path}": no PEM CRL found', where)
+        raise ConfigError.at(f'cannot load CRL "{path}": no PEM CRL found', where)
     store.set_flags(
         crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL
     )
@@ -303,7 +293,7 @@ def _alpnSelector(protocols: Sequence[str]) -> Any:
     return select
 
 
-def _useCertificate(
+def useCertificate(
     context: SSL.Context, pair: CertificatePair, passwords: Sequence[bytes]
 ) -> None:
     loadCertificates(pair.certificate, pair.where)
@@ -311,14 +301,14 @@ def _useCertificate(
     try:
         context.use_certificate_chain_file(pair.certificate)
     except SSL.Error as e:
-        raise _fail(
+        raise ConfigError.at(
             f'cannot load certificate "{pair.certificate}": {_reason(e)}', pair.where
         ) from None
     try:
         context.use_privatekey(key)
         context.check_privatekey()
     except SSL.Error:
-        raise _fail(
+        raise ConfigError.at(
             f'certificate key "{pair.key}" does not match certificate '
             f'"{pair.certificate}"',
             pair.where,
@@ -338,7 +328,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
     the file and line of the setting that is wrong.
     """
     if not tls.certificates:
-        raise _fail('no "ssl_certificate" is defined for the "listen ... ssl"', where)
+        raise ConfigError.at('no "ssl_certificate" is defined for the "listen ... ssl"', where)
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_options(
         SSL.OP_NO_COMPRESSION
@@ -350,7 +340,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
     try:
         context.set_cipher_list(tls.ciphers.encode("ascii"))
     except SSL.Error:
-        raise _fail(
+        raise ConfigError.at(
             f'SSL_CTX_set_cipher_list("{tls.ciphers}") failed: no cipher matches',
             tls.protocolsWhere or where,
         ) from None
@@ -361,19 +351,19 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
         try:
             _openssl.setGroups(context, tls.ecdhCurve)
         except ValueError as e:
-            raise _fail(str(e), where) from None
+            raise ConfigError.at(str(e), where) from None
     if tls.dhparam is not None:
         readFile(tls.dhparam, "DH parameters", where)
         try:
             context.load_tmp_dh(tls.dhparam.encode("utf-8", "surrogateescape"))
         except SSL.Error as e:
-            raise _fail(
+            raise ConfigError.at(
                 f'cannot load DH parameters "{tls.dhparam}": {_reason(e)}', where
             ) from None
 
     passwords = readPasswords(tls.passwordFiles, where)
     for pair in tls.certificates:
-        _useCertificate(context, pair, passwords)
+        useCertificate(context, pair, passwords)
 
     context.set_session_id(sessionIdContext(tls))
     context.set_timeout(max(1, int(tls.sessionTimeout)))
@@ -398,15 +388,15 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
     if tls.verifyClient != "off":
         caFile = tls.clientCertificate or tls.trustedCertificate
         if caFile is None and tls.verifyClient != "optional_no_ca":
-            raise _fail(
+            raise ConfigError.at(
                 "no ssl_client_certificate or ssl_trusted_certificate for "
                 f"ssl_verify_client {tls.verifyClient}",
                 where,
             )
         if tls.clientCertificate is not None:
-            _addCertificateStore(context, tls.clientCertificate, where, True)
+            addCertificateStore(context, tls.clientCertificate, where, True)
         if tls.trustedCertificate is not None:
-            _addCertificateStore(context, tls.trustedCertificate, where, False)
+            addCertificateStore(context, tls.trustedCertificate, where, False)
         mode = SSL.VERIFY_PEER
         if tls.verifyClient == "on":
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -418,7 +408,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
         context.set_verify(mode, callback)
         context.set_verify_depth(tls.verifyDepth)
         if tls.crl is not None:
-            _addCRL(context, tls.crl, where)
+            addCRL(context, tls.crl, where)
 
     if tls.alpn:
         context.set_alpn_select_callback(_alpnSelector(tls.alpn))
@@ -427,7 +417,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
         try:
             _openssl.applyConfCommands(context, tls.confCommands, server=True)
         except ValueError as e:
-            raise _fail(str(e), where) from None
+            raise ConfigError.at(str(e), where) from None
     return context
 
 

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     # A terminal hang-up reaches the whole process group: the master reloads,
     # workers carry on.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    accessLogs = AccessLogFiles()
+    signal.signal(
+        signal.SIGUSR1,
+        lambda signum, frame: reactor.callFromThread(  # type: ignore[attr-defined]
+            accessLogs.reopen
+        ),
+    )
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     inherited = {}
     for item in args.listen_fd:
@@ -44,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = loadConfig(args.config)
         setLogLevel(config)
-        accessLogs = AccessLogFiles()
         connections = WorkerConnections(config.workerConnections)
         sharing = SessionSharing(reactor, "worker", args.instance_dir)
         generation = build(config, reactor, accessLogs, connections, sharing)
@@ -58,13 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"tlsrelay worker: [emerg] no socket for {key}\n")
             return 1
         listeners[key] = BoundListener(listen, inherited[key])
+    for key, sock in inherited.items():
+        if key not in listeners:
+            sock.close()
 
     service = RelayService(
         generation, listeners, reactor, accessLogs, connections, sharing
-    )
-    reactor.callWhenRunning(sharing.startService)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
-        "after", "shutdown", sharing.stopService
     )
     service.drainTimeout = config.shutdownTimeout
 

@@ -23,6 +23,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from tlsrelay._config._errors import ConfigError
@@ -102,9 +103,18 @@ class WorkerSupervisor(Service):
         load: Callable[[str], Config],
         bindNew: Callable[[Config, dict[str, BoundListener]], dict[str, BoundListener]],
         environ: dict[str, str] | None = None,
-        instanceDirectory: str | None = None,
+        sharing: Any = None,
+        errorLogs: Any = None,
     ) -> None:
-        self.instanceDirectory = instanceDirectory
+        """
+        @param sharing: the master's L{SessionSharing}: started before the
+            workers, stopped after the last one has drained.
+        @param errorLogs: the generation whose C{error_log} observers record the
+            master's own events (its relay factories are not used).
+        """
+        self.sharing = sharing
+        self.errorLogs = errorLogs
+        self.instanceDirectory = sharing.directory if sharing is not None else None
         self.config = config
         self.listeners = listeners
         self.reactor = reactor
@@ -114,9 +124,16 @@ class WorkerSupervisor(Service):
         self.generation = 0
         self.workers: list[Worker] = []
         self.stopping = False
+        self.reloading: Deferred[bool] | None = None
+        self.readyTimeout = 60.0
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if self.errorLogs is not None:
+            for _, observer in self.errorLogs.errorLogs:
+                globalLogPublisher.addObserver(observer)
+        if self.sharing is not None and not self.sharing.running:
+            self.sharing.startService()
         log.info("starting {count} worker processes", count=self.config.workerProcesses)
         self._startGeneration()
 
@@ -128,8 +145,17 @@ class WorkerSupervisor(Service):
     def _spawn(self, worker: Worker) -> None:
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         fds: dict[str, int] = {}
-        for number, (key, listener) in enumerate(sorted(self.listeners.items()), 3):
-            childFDs[number] = listener.socket.fileno()
+        # Only the sockets this configuration listens on: a worker that inherited
+        # a removed address would keep it open with nobody accepting.
+        wanted = sorted(
+            {
+                str(listen.address)
+                for server in self.config.servers
+                for listen in server.listens
+            }
+        )
+        for number, key in enumerate(wanted, 3):
+            childFDs[number] = self.listeners[key].socket.fileno()
             fds[key] = number
         readyFD = 3 + len(fds)
         childFDs[readyFD] = "r"
@@ -185,6 +211,10 @@ class WorkerSupervisor(Service):
         Validate the configuration file; when it loads, start a new generation of
         workers and drain the old one.
         """
+        if self.stopping:
+            return succeed(False)
+        if self.reloading is not None:
+            return self.reloading
         path = self.config.path
         log.info("reloading {path}", path=path)
         try:
@@ -205,6 +235,7 @@ class WorkerSupervisor(Service):
         self.listeners.update(new)
         old = list(self.workers)
         previous, self.config = self.config, config
+        previousGeneration = self.generation
         self._startGeneration()
         fresh = [w for w in self.workers if w.generation == self.generation]
 
@@ -223,7 +254,7 @@ class WorkerSupervisor(Service):
                 error=failure.getErrorMessage(),
             )
             self.config = previous
-            self.generation -= 1
+            self.generation = previousGeneration
             self._stopWorkers(fresh)
             for key in new:
                 self.listeners.pop(key).socket.close()
@@ -232,7 +263,24 @@ class WorkerSupervisor(Service):
         waiting: Deferred[Any] = DeferredList(
             [w.ready for w in fresh], fireOnOneErrback=True, consumeErrors=True
         )
-        return waiting.addCallbacks(ready, failed)
+        waiting.addTimeout(self.readyTimeout, self.reactor)
+
+        def done(result: bool) -> bool:
+            self.reloading = None
+            return result
+
+        self.reloading = waiting.addCallbacks(ready, failed).addBoth(done)
+        return self.reloading
+
+    def signalWorkers(self, name: str) -> None:
+        """
+        Pass a signal (e.g. C{"USR1"}: reopen logs) on to every worker.
+        """
+        for worker in self.workers:
+            try:
+                worker.process.signalProcess(name)
+            except Exception:
+                pass  # already gone
 
     def _stopWorkers(self, workers: list[Worker]) -> Deferred[Any]:
         for worker in workers:
@@ -261,6 +309,12 @@ class WorkerSupervisor(Service):
                 killer.cancel()
             for listener in self.listeners.values():
                 listener.socket.close()
+            if self.sharing is not None:
+                self.sharing.stopService()
+            if self.errorLogs is not None:
+                for _, observer in self.errorLogs.errorLogs:
+                    globalLogPublisher.removeObserver(observer)
+                self.errorLogs.closeErrorLogs()
             return result
 
         return stopped.addBoth(done)

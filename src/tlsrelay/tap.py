@@ -102,6 +102,7 @@ def makeService(options: Options) -> IService:
         RelayService,
         bindAll,
         build,
+        checkHosts,
         configListens,
     )
     from tlsrelay._sessions import SessionSharing
@@ -121,6 +122,7 @@ def makeService(options: Options) -> IService:
         globalLogPublisher.addObserver(cast(ILogObserver, _printWarnings))
         try:
             config = loadConfig(path)
+            checkHosts(config)
             checked = build(
                 config,
                 reactor,
@@ -146,6 +148,10 @@ def makeService(options: Options) -> IService:
     if options["signal"] is not None:
         pidFile = config.pidFile or (parent["pidfile"] if parent is not None else None)
         sendSignal(options, pidFile)
+    try:
+        checkHosts(config)
+    except ConfigError as e:
+        raise _fail(str(e)) from None
 
     setLogLevel(config)
     accessLogs = AccessLogFiles()
@@ -159,7 +165,6 @@ def makeService(options: Options) -> IService:
         accessLogs.close()
         sharing.stopService()
         raise _fail(str(e)) from None
-    sharing.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     if parent is not None:
         if not config.daemon:
@@ -170,15 +175,19 @@ def makeService(options: Options) -> IService:
     if master:
         # The master validates, binds, owns shared session state and supervises;
         # workers relay.
-        generation.closeErrorLogs()
         accessLogs.close()
 
         def validate(path: str) -> Any:
             sharing.reload()
             config = loadConfig(path)
-            build(
-                config, reactor, AccessLogFiles(), WorkerConnections(1), sharing
-            ).closeErrorLogs()
+            checkHosts(config)
+            files = AccessLogFiles()
+            try:
+                build(
+                    config, reactor, files, WorkerConnections(1), sharing
+                ).closeErrorLogs()
+            finally:
+                files.close()
             return config
 
         relay = WorkerSupervisor(
@@ -187,7 +196,8 @@ def makeService(options: Options) -> IService:
             reactor,
             validate,
             _bindNew,
-            instanceDirectory=sharing.directory,
+            sharing=sharing,
+            errorLogs=generation,
         )
     else:
         relay = RelayService(
@@ -231,6 +241,9 @@ def installSignals(reactor: Any, relay: Any, accessLogs: Any) -> None:
 
     def onUser1(signum: int, frame: object) -> None:
         reactor.callFromThread(accessLogs.reopen)
+        signalWorkers = getattr(relay, "signalWorkers", None)
+        if signalWorkers is not None:
+            reactor.callFromThread(signalWorkers, "USR1")
 
     signal.signal(signal.SIGHUP, onHangup)
     signal.signal(signal.SIGUSR1, onUser1)

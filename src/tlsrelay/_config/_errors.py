@@ -4,6 +4,11 @@ Configuration errors that name the file and line, as C{nginx -t} does.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from tlsrelay._config._model import Where
+
 
 class ConfigError(Exception):
     """
@@ -17,6 +22,16 @@ class ConfigError(Exception):
         self.message = message
         self.file = file
         self.line = line
+
+    @classmethod
+    def at(cls, message: str, where: Where | None) -> Self:
+        """
+        An error about the setting written at C{where}, or about no place in
+        particular when C{where} is L{None}.
+        """
+        if where is None:
+            return cls(message)
+        return cls(message, where.file, where.line)
 
     def __str__(self) -> str:
         if self.file is None:

@@ -28,6 +28,7 @@ from tlsrelay._config._directives import lookup as lookupDirective
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import (
     AccessLog,
+    Address,
     Balancer,
     Config,
     ErrorLog,
@@ -229,6 +230,11 @@ def _server(
         certificates=certificatePairs(merged, where(d)),
         **{k: v for k, v in merged.items() if k in _TLS_FIELDS},
     )
+    if tls.ticketKeyRotation is not None and tls.ticketKeyFiles:
+        raise d.error(
+            '"ssl_session_ticket_key_rotation" applies to the keys tlsrelay generates; '
+            'with "ssl_session_ticket_key" files, rotate by replacing the files'
+        )
     for listen in listens:
         if listen.ssl and not tls.certificates:
             assert listen.where is not None
@@ -318,3 +324,18 @@ def _checkListens(servers: list[StreamServer]) -> None:
                     listen.where.line,
                 )
             seen[key] = listen
+    wildcards = {"0.0.0.0", "::"}
+    for listen in seen.values():
+        address = listen.address
+        if address.kind != "tcp" or address.host in wildcards:
+            continue
+        wildcard = "::" if ":" in address.host else "0.0.0.0"
+        other = seen.get(str(Address("tcp", wildcard, address.port)))
+        if other is not None:
+            assert listen.where is not None
+            raise ConfigError(
+                f'"{address}" and the wildcard "{other.address}" on the same port '
+                "are not supported yet (listen on one or the other)",
+                listen.where.file,
+                listen.where.line,
+            )
