@@ -531,6 +531,30 @@ class HashTests(SynchronousTestCase):
         policy = Hash(group(server(1), server(2)))
         self.assertEqual(sequence(policy, 4, key=b""), [1, 2, 1, 2])
 
+    def test_totalWeight(self) -> None:
+        """
+        The primary peers' total weight, which each pick divides by, is the
+        group's; a group that replaces it (names resolved) has its own, and
+        the policy picks by that one after C{update}.
+        """
+        before = group(server(1, weight=2), server(2), server(3, weight=4, backup=True))
+        self.assertEqual(before.totalWeight, 3)
+        policy = Hash(before)
+        resolved = PeerGroup.fromServers(
+            "up",
+            [
+                (before.primary[0].config, [tcp(1)]),
+                (before.primary[1].config, [tcp(2), tcp(22)]),
+            ],
+            before,
+        )
+        self.assertEqual(resolved.totalWeight, 4)
+        policy.update(resolved)
+        for key in keys(100):
+            w = ((zlib.crc32(key) >> 16) & 0x7FFF) % 4
+            expected = 1 if w < 2 else 2 if w < 3 else 22
+            self.assertEqual(pickOnce(policy, key).address.port, expected)
+
     def test_moves(self) -> None:
         """
         Without C{consistent}, adding a server moves most keys.

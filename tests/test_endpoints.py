@@ -11,8 +11,12 @@ import sys
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa as rsaKeys
 from OpenSSL import SSL
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     quoteStringArgument,
@@ -20,6 +24,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IStreamServerEndpoint,
@@ -28,14 +33,13 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
-    PrivateCertificate,
     optionsForClientTLS,
 )
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.plugin import IPlugin, getPlugins
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -43,7 +47,7 @@ from zope.interface.verify import verifyObject
 
 from tests._iosim import FakeTransport, IOPump, connect
 from tlsrelay._config._model import CertificatePair, ServerTLS, SessionCache
-from tlsrelay._openssl import sessionReused
+from tlsrelay._openssl import applyConfCommands, sessionReused
 from tlsrelay._parsers import (
     SERVER_KEYWORDS,
     TLSRelayServerParser,
@@ -51,7 +55,7 @@ from tlsrelay._parsers import (
     serverTLSFromKeywords,
 )
 from tlsrelay._tls import ServerContextFactory, buildServerContext
-from tlsrelay._tlsfactory import TLSServerFactory, describePeer
+from tlsrelay._tlsfactory import TLSServerFactory
 from tlsrelay.endpoints import TLSRelayServerEndpoint
 from tlsrelay.testing import CertificateFiles, memoryHandshake, writeCertificates
 
@@ -108,24 +112,48 @@ def readBytes(path: str) -> bytes:
         return f.read()
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+@attrs.frozen
+class WithClientCertificate:
+    """
+    Client connections of C{options} that present a certificate, given to
+    pyOpenSSL as C{cryptography} objects (Twisted's C{clientCertificate=} hands
+    it pyOpenSSL's deprecated C{X509} and C{PKey}).
+    """
+
+    options: IOpenSSLClientConnectionCreator
+    certificate: x509.Certificate
+    key: Any
+
+    def clientConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        connection = self.options.clientConnectionForTLS(tlsProtocol)
+        connection.use_certificate(self.certificate)
+        connection.use_privatekey(self.key)
+        return connection
+
+
 def clientCreator(
     files: CertificateFiles,
     clientFiles: CertificateFiles | None = None,
     alpn: list[bytes] | None = None,
 ) -> Any:
     """
-    Twisted's client TLS options trusting C{files}' CA.
+    Twisted's client TLS options trusting C{files}' CA, presenting
+    C{clientFiles}' certificate if given.
     """
-    clientCertificate = None
-    if clientFiles is not None:
-        clientCertificate = PrivateCertificate.loadPEM(
-            readBytes(clientFiles.certificate) + readBytes(clientFiles.key)
-        )
-    return optionsForClientTLS(
+    options = optionsForClientTLS(
         "localhost",
         trustRoot=Certificate.loadPEM(readBytes(files.caFile)),
-        clientCertificate=clientCertificate,
         acceptableProtocols=alpn,
+    )
+    if clientFiles is None:
+        return options
+    return WithClientCertificate(
+        options,
+        x509.load_pem_x509_certificate(readBytes(clientFiles.certificate)),
+        serialization.load_pem_private_key(readBytes(clientFiles.key), None),
     )
 
 
@@ -357,17 +385,6 @@ class TLSServerFactoryTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, TLSServerFactory, self.contextFactory, self.app, -1, self.clock
         )
-
-    def test_describePeer(self) -> None:
-        """
-        Peer addresses read as they do in nginx's logs.
-        """
-        self.assertEqual(describePeer(CLIENT_ADDRESS), "192.0.2.7:51234")
-        self.assertEqual(
-            describePeer(IPv6Address("TCP", "2001:db8::1", 443)), "[2001:db8::1]:443"
-        )
-        self.assertEqual(describePeer(UNIXAddress(b"/run/x.sock")), "unix:/run/x.sock")
-        self.assertEqual(describePeer(UNIXAddress(None)), "unix:")
 
 
 class TLSRelayServerEndpointTests(SynchronousTestCase):
@@ -662,7 +679,22 @@ class ParserTests(SynchronousTestCase):
             "tlsrelay:tcp\\:443:certificate=rsa.pem,ecdsa.pem"
             ":certificateKey=rsa.key, ecdsa.key"
         )
-        self.parse(description)
+        endpoint = self.parse(description)
+        contextFactory = endpoint.contextFactory
+        assert isinstance(contextFactory, ServerContextFactory)
+        # Both are served: each to the client that can check its signatures.
+        for algorithms, keyType in (
+            ("ECDSA+SHA256", ec.EllipticCurvePublicKey),
+            ("RSA-PSS+SHA256", rsaKeys.RSAPublicKey),
+        ):
+            client = SSL.Context(SSL.TLS_METHOD)
+            applyConfCommands(
+                client, [("SignatureAlgorithms", algorithms)], server=False
+            )
+            _, connection = memoryHandshake(contextFactory.context, client)
+            certificate = connection.get_peer_certificate(as_cryptography=True)
+            assert certificate is not None
+            self.assertIsInstance(certificate.public_key(), keyType, algorithms)
         self.assertEqual(
             serverTLSFromKeywords(
                 {
@@ -694,9 +726,18 @@ class ParserTests(SynchronousTestCase):
         """
         Twisted matches prefixes whatever their case.
         """
-        self.parse(
+        endpoint = self.parse(
             "TLSRelay:tcp\\:443:certificate=server.pem:certificateKey=server.key"
         )
+        _server, client, clientApp, pump = self.listenAndConnect(
+            endpoint, clientCreator(self.files)
+        )
+        [(port, factory, _backlog, _interface)] = self.reactor.tcpServers
+        self.assertEqual(port, 443)
+        self.assertIsInstance(factory, TLSServerFactory)
+        client.write(b"ok")
+        pump.flush()
+        self.assertEqual(clientApp.received, b"ok")
 
     def test_quotedInner(self) -> None:
         """

@@ -321,11 +321,19 @@ class ContextSettingTests(TLSTestCase):
         """
         A valid group list is accepted and limits the key exchange.
         """
-        server = self.serverContext()
-        setGroups(server, "prime256v1")
-        client = self.clientContext()
-        setGroups(client, "X25519:prime256v1")
-        self.connect(client, server)
+        for serverGroups, expected in (
+            ("prime256v1", "secp256r1"),
+            ("X25519", "x25519"),
+        ):
+            server = self.serverContext()
+            setGroups(server, serverGroups)
+            client = self.clientContext()
+            setGroups(client, "X25519:prime256v1")
+            clientConnection, serverConnection = self.connect(client, server)
+            # OpenSSL's spelling of x25519 changed case between versions.
+            for connection in (serverConnection, clientConnection):
+                name = connection.get_group_name()
+                self.assertEqual(None if name is None else name.lower(), expected)
 
     def test_groupsMismatch(self) -> None:
         """

@@ -208,6 +208,7 @@ class ConnectTests(SynchronousTestCase):
             error.addresses, ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
         )
         self.assertEqual(error.peer, "127.0.0.1:9001, 127.0.0.1:9002, 127.0.0.1:9003")
+        self.assertEqual(error.connectTimes, [None, None, None])
         self.assertTrue(str(error).startswith('upstream "backend" failed: tried '))
         self.assertIn("127.0.0.1:9003 (Connection was refused", str(error))
         self.assertEqual([peer.conns for peer in pool.peers.primary], [0, 0, 0])
@@ -311,6 +312,7 @@ class ConnectTests(SynchronousTestCase):
         error = self.failureResultOf(d, NoUpstreamAvailable).value
         assert isinstance(error, NoUpstreamAvailable)
         self.assertEqual(error.addresses, ["backend"])
+        self.assertEqual(error.connectTimes, [None])
         self.assertEqual(str(error), 'no live upstreams in "backend"')
         self.assertEqual(reactor.tcpClients, [])
         self.assertEqual(events[0]["upstream"], "backend")
@@ -350,6 +352,65 @@ class ConnectTests(SynchronousTestCase):
             pool.connect(factory(), b"10.0.0.7", Proxy())
             accept(reactor)
         self.assertEqual(len(set(targets(reactor))), 1)
+
+
+class ReuseTests(SynchronousTestCase):
+    """
+    What connecting to a peer needs is made once per peer, not per attempt.
+    """
+
+    def test_oncePerPeer(self) -> None:
+        """
+        The TLS connection creator (C{tlsFor}) and the endpoint of a peer are
+        made at its first attempt and reused; a health check's other port gets
+        its own endpoint.
+        """
+        asked: list[str] = []
+
+        def tlsFor(peer: Any) -> None:
+            asked.append(peer.name)
+
+        pool, reactor = threeServers(tlsFor=tlsFor)
+        for _ in range(6):
+            d = pool.connect(factory(), b"", Proxy())
+            accept(reactor)
+            connected(d).release()
+        self.assertEqual(targets(reactor), [9001, 9002, 9003] * 2)
+        self.assertEqual(asked, ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"])
+        peer = pool.peers.primary[0]
+        self.assertIs(pool._endpoint(peer, 60.0), pool._endpoint(peer, 60.0))
+        self.assertIsNot(pool._endpoint(peer, 60.0), pool._endpoint(peer, 60.0, 8080))
+        pool.connectPeer(peer, factory(), 60.0, port=8080)
+        self.assertEqual(targets(reactor)[-1], 8080)
+
+    def test_forgottenWhenResolved(self) -> None:
+        """
+        A name's peer, replaced by its addresses once resolved, is forgotten; its
+        addresses get their own.
+        """
+        asked: list[str] = []
+
+        def tlsFor(peer: Any) -> None:
+            asked.append(peer.name)
+
+        pool, reactor = makePool(
+            UpstreamServer(tcp(80, "backend.example")), tlsFor=tlsFor
+        )
+        d = pool.connect(factory(), b"", Proxy())
+        accept(reactor)
+        connected(d).release()
+        resolver = FakeResolver(
+            {"backend.example": [IPv4Address("TCP", "10.0.0.1", 80)]}
+        )
+        reactor.installNameResolver(resolver)
+        resolved = pool.resolveAll()
+        resolver.finish()
+        self.successResultOf(resolved)
+        d = pool.connect(factory(), b"", Proxy())
+        self.assertEqual(reactor.tcpClients[-1][:2], ("10.0.0.1", 80))
+        self.assertEqual(asked, ["backend.example:80", "10.0.0.1:80"])
+        self.assertEqual(set(pool._creators), set(pool.peers.peers()))
+        self.assertEqual({key[0] for key in pool._endpoints}, set(pool.peers.peers()))
 
 
 class ConnectPeerTests(SynchronousTestCase):

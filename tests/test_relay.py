@@ -6,16 +6,18 @@ stream server, in memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from attrs import define, field
 from OpenSSL import SSL
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import (
     ConnectionDone,
     ConnectionLost,
 )
 from twisted.internet.interfaces import (
+    IAddress,
     IHalfCloseableProtocol,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -27,7 +29,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -39,6 +41,7 @@ from tests.test_variables import (
     certificateAuthority,
     clientCertificate,
     clientContext,
+    pumpTLS,
     serverContext,
 )
 from tlsrelay._accesslog import (
@@ -48,14 +51,18 @@ from tlsrelay._accesslog import (
     AccessLogWriter,
 )
 from tlsrelay._config._model import Proxy
+from tlsrelay._log import setLevel
 from tlsrelay._relay import (
     RelayFactory,
     RelayProtocol,
     UpstreamConnection,
     WorkerConnections,
+    _isClientCertificateFailure,
     _UpstreamProtocol,
 )
-from tlsrelay._variables import compileTemplate, timeLocal
+from tlsrelay._tls import _verifyOptionalNoCA, _verifyStandard
+from tlsrelay._tlsfactory import TLSServerFactory
+from tlsrelay._variables import compileTemplate, timeLocal, verifyResult
 
 CLIENT = IPv4Address("TCP", "192.0.2.7", 50000)
 LISTENER = IPv4Address("TCP", "10.0.0.1", 443)
@@ -99,7 +106,14 @@ class FakeUpstreamConnection:
     protocol: IProtocol
     peer: str = "127.0.0.1:8080"
     connectTime: float = 0.002
+    tried: list[str] = field(factory=list)
+    connectTimes: list[float | None] = field(factory=lambda: [0.002])
+    sessionReused: bool | None = None
     releases: list[bool] = field(factory=list)
+
+    @property
+    def upstreamAddr(self) -> str:
+        return ", ".join([*self.tried, self.peer])
 
     def release(self, failed: bool = False) -> None:
         self.releases.append(failed)
@@ -119,6 +133,7 @@ class PeerError(Exception):
     """
 
     peer = "127.0.0.1:8080, 127.0.0.1:8081"
+    connectTimes = [None, None]
 
 
 @define
@@ -325,7 +340,6 @@ class RelayTestCase(SynchronousTestCase):
             connectUpstream=None if returnValue is not None else self.pool.connect,
             proxy=proxy or Proxy(),
             tls=tls,
-            handshakeTimeout=60.0,
             clock=self.clock,
             now=self.clock.seconds,
             connections=self.connections,
@@ -352,14 +366,18 @@ class RelayTestCase(SynchronousTestCase):
         return Relayed(client, clientTransport, upstream, upstreamTransport, connection)
 
     def tlsRelay(
-        self, context: SSL.Context
+        self, context: SSL.Context, client: IAddress = CLIENT
     ) -> tuple[TLSMemoryBIOProtocol, TCPTransport]:
-        tlsFactory = TLSMemoryBIOFactory(
-            ServerCreator(context), False, self.factory, clock=self.clock
+        """
+        A client connected to the relay through L{TLSServerFactory}, as the
+        service builds TLS listeners (C{ssl_handshake_timeout} 60s).
+        """
+        tlsFactory = TLSServerFactory(
+            ServerCreator(context), self.factory, 60.0, self.clock
         )
-        server = tlsFactory.buildProtocol(CLIENT)
+        server = tlsFactory.buildProtocol(client)
         assert server is not None
-        wire = TCPTransport(hostAddress=LISTENER, peerAddress=CLIENT)
+        wire = TCPTransport(hostAddress=LISTENER, peerAddress=client)
         server.makeConnection(wire)
         return server, wire
 
@@ -381,7 +399,6 @@ class InterfaceTests(SynchronousTestCase):
             connectUpstream=FakePool().connect,
             proxy=Proxy(),
             tls=True,
-            handshakeTimeout=1.0,
             clock=Clock(),
             now=lambda: 0.0,
             connections=WorkerConnections(),
@@ -410,7 +427,6 @@ class InterfaceTests(SynchronousTestCase):
                 connectUpstream=connect,
                 proxy=Proxy(),
                 tls=False,
-                handshakeTimeout=1.0,
                 clock=Clock(),
                 now=lambda: 0.0,
                 connections=WorkerConnections(),
@@ -493,6 +509,35 @@ class PlainRelayTests(RelayTestCase):
             ],
         )
 
+    def test_debugEvents(self) -> None:
+        """
+        With C{error_log ... debug}, a session logs its steps with the client
+        named once; at the default level it logs none of them.
+        """
+        r = self.relaying()
+        with capturedLogs() as events:
+            lost(r.client)
+            lost(r.upstream)
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.debug], [])
+
+        setLevel(LogLevel.debug)
+        self.addCleanup(setLevel, LogLevel.info)
+        with capturedLogs() as events:
+            r = self.relaying()
+            lost(r.client)
+            lost(r.upstream)
+        debug = [e for e in events if e["log_level"] == LogLevel.debug]
+        self.assertEqual(
+            [e["log_format"].split(" ", 2)[:2] for e in debug],
+            [
+                ["client", "{client}"],
+                ["upstream", "{upstream}"],
+                ["client", "{client}"],
+            ],
+        )
+        self.assertEqual({e["client"] for e in debug}, {"192.0.2.7:50000"})
+        self.assertEqual(debug[-1]["sessionTime"], 0.0)
+
     def test_connectionNumbers(self) -> None:
         """
         Sessions are numbered in order.
@@ -528,6 +573,36 @@ class AccessLogTests(RelayTestCase):
         lost(r.upstream)
         lost(r.client)
         self.assertEqual(self.logLines(), ["1 127.0.0.1:8080 0.002 3 2 - 200"])
+
+    def test_upstreamPerTry(self) -> None:
+        """
+        After retries, C{$upstream_addr} and C{$upstream_connect_time} have one
+        value per try, C{-} for the tries that failed; when none connected,
+        every try is C{-}.
+        """
+        self.setUpRelay(logFormat="$upstream_addr|$upstream_connect_time")
+        client, _transport = self.connectClient()
+        attempt = self.pool.attempts[0]
+        upstream = attempt.factory.buildProtocol(UPSTREAM)
+        assert upstream is not None
+        upstream.makeConnection(TCPTransport())
+        attempt.deferred.callback(
+            FakeUpstreamConnection(
+                upstream, tried=["127.0.0.1:8081"], connectTimes=[None, 0.25]
+            )
+        )
+        lost(upstream)
+        lost(client)
+        client, _transport = self.connectClient()
+        self.pool.attempts[-1].deferred.errback(PeerError("refused"))
+        lost(client)
+        self.assertEqual(
+            self.logLines(),
+            [
+                "127.0.0.1:8081, 127.0.0.1:8080|-, 0.250",
+                "127.0.0.1:8080, 127.0.0.1:8081|-, -",
+            ],
+        )
 
     def test_predefined(self) -> None:
         """
@@ -873,19 +948,57 @@ class TLSRelayTests(RelayTestCase):
 
     def test_handshakeTimeout(self) -> None:
         """
-        No handshake within C{ssl_handshake_timeout}: the client is aborted,
-        nothing connects upstream, status 400.
+        No handshake within C{ssl_handshake_timeout} (L{TLSServerFactory}'s
+        timer): the client is aborted, nothing connects upstream, status 400,
+        and one line is logged, by the TLS layer.
         """
         server, wire = self.tlsRelay(serverContext(self.ca))
         self.clock.advance(59)
         self.assertFalse(wire.disconnecting)
         with capturedLogs() as events:
             self.clock.advance(1)
+            lost(server, ConnectionLost())
         self.assertTrue(wire.disconnected)
-        self.assertTrue(any("timed out" in e["log_format"] for e in events))
-        lost(server, ConnectionLost())
+        self.assertEqual(
+            [(e["log_level"], e["log_format"]) for e in events],
+            [(LogLevel.info, "TLS handshake with {peer} timed out after {timeout}s")],
+        )
+        self.assertEqual(events[0]["peer"], "192.0.2.7:50000")
         self.assertEqual(self.pool.attempts, [])
         self.assertEqual(self.logLines(), ["400 - - NONE"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_handshakeTimeoutPartial(self) -> None:
+        """
+        A client that started its handshake and stalled times out too, with the
+        name it asked for in the log.
+        """
+        server, wire = self.tlsRelay(serverContext(self.ca))
+        peer = RawTLSClient(clientContext(self.ca), server, wire, self.clock)
+        try:
+            peer.connection.do_handshake()
+        except SSL.WantReadError:
+            pass
+        server.dataReceived(peer.connection.bio_read(65536))  # ClientHello only
+        self.assertTrue(wire.value())
+        with capturedLogs() as events:
+            self.clock.advance(60)
+            lost(server, ConnectionLost())
+        self.assertEqual(len(events), 1)
+        self.assertIn("timed out", events[0]["log_format"])
+        self.assertEqual(self.logLines(), ["400 - example.com NONE"])
+
+    def test_ipv6ClientLogged(self) -> None:
+        """
+        Log lines name an IPv6 client as C{[address]:port}.
+        """
+        client = IPv6Address("TCP", "2001:db8::1", 443)
+        server, _wire = self.tlsRelay(serverContext(self.ca), client)
+        server.dataReceived(b"not TLS at all\r\n")
+        with capturedLogs() as events:
+            lost(server)
+        [event] = [e for e in events if "handshake" in e["log_format"]]
+        self.assertEqual(event["client"], "[2001:db8::1]:443")
 
     def test_handshakeThenConnect(self) -> None:
         """
@@ -984,6 +1097,69 @@ class TLSRelayTests(RelayTestCase):
         self.assertTrue(peer.closeNotify)
         lost(server)
         self.assertEqual(self.logLines(), ["200 TLSv1.3 example.com NONE"])
+
+
+class ClientCertificateFailureTests(SynchronousTestCase):
+    """
+    L{_isClientCertificateFailure} tells a handshake that failed on the client's
+    certificate (C{403}) from any other failure (C{400}).
+    """
+
+    def handshake(
+        self, verify: Callable[..., bool], certificate: bool
+    ) -> SSL.Connection:
+        """
+        A server connection after a completed handshake with C{verify} as its
+        verify callback, with a client that presents a certificate from another
+        CA if C{certificate}.
+        """
+        ca = certificateAuthority()
+        context = serverContext(ca)
+        context.set_verify(SSL.VERIFY_PEER, verify)
+        client = SSL.Connection(
+            clientContext(
+                ca, clientCertificate(certificateAuthority()) if certificate else None
+            ),
+            None,
+        )
+        client.set_connect_state()
+        server = SSL.Connection(context, None)
+        server.set_accept_state()
+        pumpTLS(client, server)
+        return server
+
+    def test_toleratedIsNot(self) -> None:
+        """
+        A verification error that C{optional_no_ca} tolerated does not make a
+        later failure of the same connection a certificate failure (though
+        C{$ssl_client_verify} still reports it).
+        """
+        server = self.handshake(_verifyOptionalNoCA, certificate=True)
+        self.assertEqual(verifyResult(server, withTolerated=False)[0], 0)
+        self.assertEqual(verifyResult(server)[0], 20)
+        self.assertFalse(_isClientCertificateFailure(server, Failure(ConnectionLost())))
+
+    def test_reasons(self) -> None:
+        """
+        OpenSSL's reasons for a missing or refused client certificate count; a
+        client's alert about the server's certificate, other errors and a lost
+        connection do not.
+        """
+        server = self.handshake(_verifyStandard, certificate=False)
+
+        def failed(*reasons: str) -> bool:
+            error = SSL.Error([("SSL routines", "", reason) for reason in reasons])
+            return _isClientCertificateFailure(server, Failure(error))
+
+        self.assertTrue(failed("peer did not return a certificate"))
+        self.assertTrue(failed("unexpected message", "certificate verify failed"))
+        self.assertFalse(failed("tls alert bad certificate"))
+        self.assertFalse(failed("tlsv13 alert certificate required"))
+        self.assertFalse(failed("no shared cipher"))
+        self.assertFalse(
+            _isClientCertificateFailure(None, Failure(SSL.Error("no ALPN in common")))
+        )
+        self.assertFalse(_isClientCertificateFailure(None, Failure(ConnectionLost())))
 
 
 class ReturnTests(RelayTestCase):

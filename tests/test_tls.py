@@ -8,14 +8,20 @@ from __future__ import annotations
 import os
 
 import trustme
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsrelay import _openssl
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import CertificatePair, ServerTLS, SessionCache, Where
-from tlsrelay._tls import buildServerContext
+from tlsrelay._tls import (
+    _tolerateErrors,
+    _verifyOptionalNoCA,
+    _verifyStandard,
+    buildServerContext,
+    toleratedVerifyError,
+)
 from tlsrelay.testing import CertificateFiles, memoryHandshake, writeCertificates
 
 
@@ -341,8 +347,88 @@ class ServerContextTests(SynchronousTestCase):
         self.assertIn('SSL_CTX_set_cipher_list("NOPE-NOTHING") failed', error.message)
 
     def test_ecdhCurve(self) -> None:
+        """
+        C{ssl_ecdh_curve} limits the key exchange to the listed groups, even
+        when the client prefers another; an unknown curve is a configuration
+        error.
+        """
         context = buildServerContext(self.settings(ecdhCurve="prime256v1"))
-        memoryHandshake(context, clientContext(self.files.caFile))
+        server, client = memoryHandshake(context, clientContext(self.files.caFile))
+        for connection in (server, client):
+            name = connection.get_group_name()
+            self.assertEqual(None if name is None else name.lower(), "secp256r1")
         self.assertRaises(
             ConfigError, buildServerContext, self.settings(ecdhCurve="nocurve")
         )
+
+
+class Exploding:
+    """
+    An C{ok} argument whose truth cannot be told: a stand-in for a bug.
+    """
+
+    def __bool__(self) -> bool:
+        raise RuntimeError("bug")
+
+
+class VerifyCallbackTests(SynchronousTestCase):
+    """
+    The client-certificate verify callbacks cannot raise into pyOpenSSL: a bug
+    refuses the certificate, once logged at error level.
+    """
+
+    def test_bugRefuses(self) -> None:
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        with capturedLogs() as events:
+            # object() cannot be weakly referenced: the record of a tolerated
+            # error fails.
+            self.assertFalse(_verifyOptionalNoCA(object(), None, 20, 0, 0))  # type: ignore[arg-type]
+            self.assertFalse(_verifyStandard(connection, None, 0, 0, Exploding()))  # type: ignore[arg-type]
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.error] * 2)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError, RuntimeError)), 2)
+        # Without a bug, they decide as before.
+        self.assertTrue(_verifyStandard(connection, None, 0, 0, 1))  # type: ignore[arg-type]
+        self.assertFalse(_verifyStandard(connection, None, 20, 0, 0))  # type: ignore[arg-type]
+        self.assertTrue(_verifyOptionalNoCA(connection, None, 20, 0, 0))  # type: ignore[arg-type]
+        self.assertEqual(toleratedVerifyError(connection), 20)
+        self.assertFalse(_verifyOptionalNoCA(connection, None, 10, 0, 0))  # type: ignore[arg-type]
+
+    def test_bugFailsOneHandshake(self) -> None:
+        """
+        In a handshake, a callback that raises fails that handshake with an
+        L{SSL.Error}, as a refused certificate does, and not with the bug's
+        exception (which C{TLSMemoryBIOProtocol} would not expect).
+        """
+        directory = os.path.abspath(self.mktemp())
+        files = writeCertificates(directory)
+        client = writeCertificates(os.path.join(directory, "client"), ca=files.ca)
+
+        @_tolerateErrors
+        def broken(
+            connection: SSL.Connection,
+            cert: crypto.X509,
+            errno: int,
+            depth: int,
+            ok: int,
+        ) -> bool:
+            raise RuntimeError("bug")
+
+        context = buildServerContext(
+            ServerTLS(
+                certificates=(CertificatePair(files.certificate, files.key),),
+                clientCertificate=files.caFile,
+                verifyClient="optional",
+            )
+        )
+        context.set_verify(SSL.VERIFY_PEER, broken)
+        with capturedLogs() as events:
+            self.assertRaises(
+                SSL.Error,
+                memoryHandshake,
+                context,
+                clientContext(files.caFile, certificate=client),
+            )
+        self.assertEqual(len(events), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # The next handshake, without a certificate to check, is not affected.
+        memoryHandshake(context, clientContext(files.caFile))

@@ -22,6 +22,7 @@ from tlsrelay._variables import (
     Session,
     TLSFacts,
     compileTemplate,
+    describePeer,
     distinguishedName,
     extractTLSFacts,
     timeISO8601,
@@ -265,7 +266,7 @@ class RenderTests(SynchronousTestCase):
             bytesReceived=20,
             upstreamBytesSent=20,
             upstreamBytesReceived=10,
-            upstreamConnectTime=0.0012,
+            upstreamConnectTimes=[None, 0.0012],
             upstreamAddr="127.0.0.1:8080, 127.0.0.1:8081",
             connection=7,
         )
@@ -276,7 +277,7 @@ class RenderTests(SynchronousTestCase):
         )
         self.assertEqual(
             template.render(s),
-            "200 10 20 20 10 0.001 127.0.0.1:8080, 127.0.0.1:8081 7 0.500 1000.500",
+            "200 10 20 20 10 -, 0.001 127.0.0.1:8080, 127.0.0.1:8081 7 0.500 1000.500",
         )
 
     def test_sessionTimeEnds(self) -> None:
@@ -295,6 +296,30 @@ class RenderTests(SynchronousTestCase):
             template.render(session()),
             f"{os.getpid()} {socket.gethostname()} {__version__.public()} TCP",
         )
+
+    def test_pidAfterFork(self) -> None:
+        """
+        C{$pid} is the process's own after a fork (twistd daemonizing a
+        single-process relay forks after this module is imported).
+        """
+        if not hasattr(os, "fork"):
+            self.skipTest("needs fork")
+        template = compileTemplate("$pid")
+        reading, writing = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child)
+            try:
+                os.write(
+                    writing, f"{os.getpid()} {template.render(session())}".encode()
+                )
+            finally:
+                os._exit(0)
+        os.close(writing)
+        with os.fdopen(reading, "rb") as pipe:
+            pid, rendered = pipe.read().decode().split()
+        os.waitpid(child, 0)
+        self.assertEqual((int(pid), rendered), (child, str(child)))
+        self.assertEqual(template.render(session()), str(os.getpid()))
 
     def test_times(self) -> None:
         """
@@ -328,6 +353,20 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(template.render(s), "::1 50000 10.0.0.1 443")
         s.setAddresses(UNIXAddress(b"/run/relay.sock"), UNIXAddress(None))
         self.assertEqual(template.render(s), "unix:  unix:/run/relay.sock ")
+
+    def test_describePeer(self) -> None:
+        """
+        Peer addresses in log lines read as they do in nginx's logs: IPv6 in
+        brackets, so that the port stands apart.
+        """
+        self.assertEqual(
+            describePeer(IPv4Address("TCP", "192.0.2.7", 51234)), "192.0.2.7:51234"
+        )
+        self.assertEqual(
+            describePeer(IPv6Address("TCP", "2001:db8::1", 443)), "[2001:db8::1]:443"
+        )
+        self.assertEqual(describePeer(UNIXAddress(b"/run/x.sock")), "unix:/run/x.sock")
+        self.assertEqual(describePeer(UNIXAddress(None)), "unix:")
 
 
 class DistinguishedNameTests(SynchronousTestCase):

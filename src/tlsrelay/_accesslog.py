@@ -16,11 +16,16 @@ C{buffer=}.  That is the choice here, not a buffer flushed on a timer, because:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from attrs import define, field
 
 from tlsrelay._log import Logger
-from tlsrelay._variables import Session, Template
+
+if TYPE_CHECKING:
+    # Only for annotations: the configuration loader imports the formats below
+    # without the TLS machinery behind the variables.
+    from tlsrelay._variables import Session, Template
 
 BASIC_FORMAT = (
     "$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received "
@@ -32,7 +37,8 @@ nginx's predefined stream C{log_format basic}.
 
 PREDEFINED_FORMATS: dict[str, str] = {"basic": BASIC_FORMAT}
 """
-The C{log_format} names nginx defines in the stream module.
+The C{log_format} names nginx defines in the stream module: every configuration
+starts with these, and a C{log_format} may not redefine them.
 """
 
 log = Logger()

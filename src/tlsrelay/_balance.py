@@ -156,15 +156,20 @@ class PeerGroup:
     """
     The peers of an C{upstream} group: primary peers, then backup peers, each in
     configuration order (a name with several addresses gives several peers).
+
+    The lists are not changed once the group is made (resolving names makes a new
+    group), so what is derived from them is computed once.
     """
 
     name: str
     primary: list[PeerState]
     backup: list[PeerState] = Factory(list)
+    _totalWeight: int = field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         if not self.primary:
             raise ValueError(f'no servers in upstream "{self.name}"')
+        self._totalWeight = sum(peer.weight for peer in self.primary)
 
     @classmethod
     def fromServers(
@@ -204,7 +209,7 @@ class PeerGroup:
         """
         The sum of the primary peers' weights.
         """
-        return sum(peer.weight for peer in self.primary)
+        return self._totalWeight
 
     @property
     def tries(self) -> int:

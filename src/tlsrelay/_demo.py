@@ -21,6 +21,7 @@ DEMO_PORT = 8443
 CONFIG = """\
 # tlsrelay demo configuration: nginx syntax, as in nginx's stream guides.
 daemon off;
+pid relay.pid;
 
 stream {{
     log_format demo '$remote_addr $ssl_protocol $ssl_cipher reused=$ssl_session_reused '

@@ -111,6 +111,8 @@ class NoUpstreamAvailable(Exception):
     @ivar reasons: why each tried peer failed, parallel to the peers in
         C{addresses}.
     @ivar peer: C{$upstream_addr}: C{addresses} joined with C{", "}.
+    @ivar connectTimes: C{$upstream_connect_time}: L{None} for each of
+        C{addresses}, since none connected (nginx prints C{-} for each).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class NoUpstreamAvailable(Exception):
         self.addresses = list(addresses)
         self.reasons = list(reasons)
         self.peer = ", ".join(self.addresses)
+        self.connectTimes: list[float | None] = [None] * len(self.addresses)
         tried = ", ".join(
             f"{address} ({reason})"
             for address, reason in zip(self.addresses, self.reasons)
@@ -286,6 +289,12 @@ class UpstreamPool:
             group.name, ((server, [server.address]) for server in group.servers)
         )
         self.policy: IPolicy = policyFor(group.balancer, self.peers, random)
+        # Built once per peer (and timeout and port), not per attempt; forgotten
+        # for peers that resolving names replaced.
+        self._endpoints: dict[
+            tuple[PeerState, float, int | None], IStreamClientEndpoint
+        ] = {}
+        self._creators: dict[PeerState, IOpenSSLClientConnectionCreator | None] = {}
 
     def resolveAll(self) -> Deferred[None]:
         """
@@ -331,6 +340,7 @@ class UpstreamPool:
                 servers.append((server, addresses))
             self.peers = PeerGroup.fromServers(self.config.name, servers, self.peers)
             self.policy.update(self.peers)
+            self._forgetReplacedPeers()
             log.info(
                 "upstream {upstream} resolved: {peers}",
                 upstream=self.config.name,
@@ -380,8 +390,25 @@ class UpstreamPool:
         """
         return _Connecting(self, factory, hashKey, proxy).result
 
+    def _forgetReplacedPeers(self) -> None:
+        current = set(self.peers.peers())
+        self._endpoints = {
+            key: endpoint
+            for key, endpoint in self._endpoints.items()
+            if key[0] in current
+        }
+        self._creators = {
+            peer: creator for peer, creator in self._creators.items() if peer in current
+        }
+
     def _creator(self, peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
-        return None if self._tlsFor is None else self._tlsFor(peer)
+        if self._tlsFor is None:
+            return None
+        try:
+            return self._creators[peer]
+        except KeyError:
+            creator = self._creators[peer] = self._tlsFor(peer)
+            return creator
 
     def connectPeer(
         self,
@@ -420,6 +447,15 @@ class UpstreamPool:
 
     def _endpoint(
         self, peer: PeerState, timeout: float, port: int | None = None
+    ) -> IStreamClientEndpoint:
+        key = (peer, timeout, port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = self._newEndpoint(peer, timeout, port)
+        return endpoint
+
+    def _newEndpoint(
+        self, peer: PeerState, timeout: float, port: int | None
     ) -> IStreamClientEndpoint:
         address = peer.address
         if port is None:
@@ -514,6 +550,7 @@ class _Connecting:
                 upstream=self.pool.config.name,
             )
             self.addresses.append(self.pool.config.name)
+            self.connectTimes.append(None)
             self._fail()
             return
         self.peer = peer

@@ -11,17 +11,22 @@ sends close_notify, as nginx flushes its buffers), bounded by C{proxy_timeout};
 after that, C{abortConnection}.
 
 nginx's order is kept: on a TLS listener the upstream is connected only after the
-handshake; C{return} answers after the handshake and closes, with no upstream.
+handshake; C{return} answers after the handshake and closes, with no upstream.  The
+TLS layer, with C{ssl_handshake_timeout}, is L{tlsrelay._tlsfactory.TLSServerFactory}
+around the L{RelayFactory}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
@@ -36,6 +41,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.logger import LogLevel
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -43,7 +49,8 @@ from zope.interface import implementer
 
 from tlsrelay._accesslog import AccessLogWriter
 from tlsrelay._config._model import Proxy
-from tlsrelay._log import Logger
+from tlsrelay._log import Logger, enabled
+from tlsrelay._tlsfactory import HandshakeTimeoutTLSProtocol
 from tlsrelay._variables import (
     STATUS_BAD_GATEWAY,
     STATUS_BAD_REQUEST,
@@ -51,7 +58,7 @@ from tlsrelay._variables import (
     STATUS_INTERNAL_SERVER_ERROR,
     Session,
     Template,
-    addressParts,
+    describePeer,
     extractTLSFacts,
     tlsFactNames,
     verifyResult,
@@ -66,8 +73,14 @@ class UpstreamConnection(TypingProtocol):
 
     @ivar protocol: the protocol built by the factory the relay gave (or a
         L{ProtocolWrapper} around it, such as C{TLSMemoryBIOProtocol}).
-    @ivar peer: C{$upstream_addr}: the address used, or C{"a, b"} after retries.
-    @ivar connectTime: C{$upstream_connect_time}, in seconds.
+    @ivar peer: the address connected to.
+    @ivar connectTime: seconds the connection to C{peer} took.
+    @ivar upstreamAddr: C{$upstream_addr}: every address tried, C{"a, b"} after
+        retries.
+    @ivar connectTimes: C{$upstream_connect_time}: seconds per address tried,
+        L{None} for those that failed.
+    @ivar sessionReused: with upstream TLS, whether the handshake resumed a
+        session (C{$upstream_ssl_session_reused}); L{None} without TLS.
     """
 
     @property
@@ -78,6 +91,15 @@ class UpstreamConnection(TypingProtocol):
 
     @property
     def connectTime(self) -> float: ...
+
+    @property
+    def upstreamAddr(self) -> str: ...
+
+    @property
+    def connectTimes(self) -> Sequence[float | None]: ...
+
+    @property
+    def sessionReused(self) -> bool | None: ...
 
     def release(self, failed: bool = False) -> None:
         """
@@ -92,8 +114,9 @@ Connect to the upstream group: C{(factory, hashKey) -> Deferred[UpstreamConnecti
 
 The pool applies C{proxy_connect_timeout} and C{proxy_next_upstream*}.  The
 L{Deferred} fails when no upstream could be reached (if the exception has a C{peer}
-string, it becomes C{$upstream_addr}); it must support C{cancel()}, which the relay
-calls when the client goes away first (the pool then closes what it opened).
+string, it becomes C{$upstream_addr}, and C{connectTimes}, a sequence,
+C{$upstream_connect_time}); it must support C{cancel()}, which the relay calls when
+the client goes away first (the pool then closes what it opened).
 """
 
 
@@ -289,22 +312,64 @@ class _UpstreamFactory(Factory[_UpstreamProtocol]):
         return protocol
 
 
-def _isClientCertificateFailure(handle: object, reason: Failure) -> bool:
+_ERR_LIB_SSL = 20
+
+
+def _sslReasonText(reason: int, fallback: str) -> str:
     """
-    Whether a failed handshake failed on the client's certificate (C{403}).
+    The text pyOpenSSL puts in an L{SSL.Error} for the C{SSL_R_*} code C{reason},
+    as this OpenSSL words it, or C{fallback} where it cannot say (before OpenSSL
+    3, whose packing of library and reason this uses).
     """
-    if isinstance(handle, SSL.Connection):
-        try:
-            if verifyResult(handle)[0] != 0:
-                return True
-        except SSL.Error:
-            pass
-    if isinstance(reason.value, SSL.Error):
-        text = str(reason.value).lower()
-        return "certificate" in text and (
-            "did not return" in text or "required" in text or "verify" in text
-        )
-    return False
+    if SSL.OPENSSL_VERSION_NUMBER < 0x30000000:
+        return fallback
+    packed = (_ERR_LIB_SSL << 23) | reason
+    text = _lib.ERR_reason_error_string(packed)
+    if _lib.ERR_GET_REASON(packed) != reason or text == _ffi.NULL:
+        return fallback
+    return str(_ffi.string(text).decode("ascii", "replace"))
+
+
+@cache
+def _clientCertificateReasons() -> frozenset[str]:
+    """
+    The texts of the C{SSL_R_*} reasons of a server handshake that failed on the
+    client's certificate: it sent none where one is required (TLS 1.2 and 1.3
+    alike), or verification refused it.  A client's alert about the server's
+    certificate (C{SSL_R_SSLV3_ALERT_BAD_CERTIFICATE}, ...) is not one.
+
+    Looked up when first needed: OpenSSL loads its error strings with its first
+    TLS context, after import.
+    """
+    return frozenset(
+        {
+            _sslReasonText(199, "peer did not return a certificate"),
+            _sslReasonText(134, "certificate verify failed"),
+        }
+    )
+
+
+def _isClientCertificateFailure(handle: SSL.Connection | None, reason: Failure) -> bool:
+    """
+    Whether a failed handshake failed on the client's certificate (C{403}): OpenSSL
+    refused it (a verification error that C{optional_no_ca} tolerated does not
+    count), or the reason OpenSSL gave is one of L{_clientCertificateReasons}.
+    """
+    if handle is not None and verifyResult(handle, withTolerated=False)[0] != 0:
+        # pyOpenSSL resets the result when the verify callback accepts a
+        # certificate, so what is left here was refused.
+        return True
+    error = reason.value
+    if not isinstance(error, SSL.Error) or not error.args:
+        return False
+    queue = error.args[0]
+    if not isinstance(queue, list):
+        return False
+    reasons = _clientCertificateReasons()
+    return any(
+        isinstance(entry, tuple) and len(entry) == 3 and entry[2] in reasons
+        for entry in queue
+    )
 
 
 _FAILED_HANDSHAKE_FIELDS = frozenset(
@@ -339,36 +404,27 @@ class RelayProtocol(Protocol):
         self._rejected = False
         self._upstreamSlot = False
         self._handshakeDone = False
-        self._handshakeTimedOut = False
         self._closing = False
         self._finished = False
         self._released = False
         self._lastActivity = 0.0
-        self._handshakeTimer: IDelayedCall | None = None
         self._timer: IDelayedCall | None = None
-
-    # --- fields for log events ---------------------------------------------------
-
-    def _peerName(self) -> str:
-        session = self.session
-        if session is None:
-            return "?"
-        if session.remotePort is None:
-            return session.remoteAddr or "?"
-        return f"{session.remoteAddr}:{session.remotePort}"
+        # The client as log lines name it (describePeer), once per session.
+        self._peer = "?"
 
     # --- client events ------------------------------------------------------------
 
     def connectionMade(self) -> None:
         factory = self.relayFactory
         transport = cast(_Transport, self.transport)
+        peer = transport.getPeer()
+        self._peer = describePeer(peer)
         if not factory.connections.acquire():
             self._rejected = True
-            address, port = addressParts(transport.getPeer())
             log.warn(
                 "{limit} worker_connections are not enough",
                 limit=factory.connections.limit,
-                client=f"{address}:{port}",
+                client=self._peer,
             )
             transport.abortConnection()
             return
@@ -378,26 +434,22 @@ class RelayProtocol(Protocol):
             startTime=factory.now(),
             connection=factory.connections.nextSerial(),
         )
-        session.setAddresses(transport.getHost(), transport.getPeer())
+        session.setAddresses(transport.getHost(), peer)
         self.session = session
         _tune(transport, factory.proxy.bufferSize)
-        log.debug(
-            "client {client} connected (connection {connection})",
-            client=self._peerName(),
-            connection=session.connection,
-        )
-        if factory.tls:
-            self._handshakeTimer = factory.clock.callLater(
-                factory.handshakeTimeout, self._handshakeTimeout
+        if enabled(LogLevel.debug):
+            log.debug(
+                "client {client} connected (connection {connection})",
+                client=self._peer,
+                connection=session.connection,
             )
-        else:
+        if not factory.tls:
             self._start()
 
     def handshakeCompleted(self) -> None:
         if self._client is None or self._closing or self._handshakeDone:
             return
         self._handshakeDone = True
-        self._cancelHandshakeTimer()
         assert self.session is not None
         handle = self._tlsHandle()
         if handle is not None:
@@ -435,7 +487,6 @@ class RelayProtocol(Protocol):
         client.lost = True
         client.producing = False
         self.relayFactory.connections.release()
-        self._cancelHandshakeTimer()
         if self.relayFactory.tls and not self._handshakeDone:
             self._handshakeFailed(reason)
         self._closing = True
@@ -457,18 +508,6 @@ class RelayProtocol(Protocol):
         handle = getHandle()
         return handle if isinstance(handle, SSL.Connection) else None
 
-    def _handshakeTimeout(self) -> None:
-        self._handshakeTimer = None
-        self._handshakeTimedOut = True
-        log.info(
-            "TLS handshake with {client} timed out after {timeout}s",
-            client=self._peerName(),
-            timeout=self.relayFactory.handshakeTimeout,
-        )
-        self._closing = True
-        assert self._client is not None
-        self._client.abort()
-
     def _handshakeFailed(self, reason: Failure) -> None:
         session = self.session
         assert session is not None
@@ -478,7 +517,11 @@ class RelayProtocol(Protocol):
             # certificate; no protocol, cipher or session was agreed.
             fields = self.relayFactory.tlsFields & _FAILED_HANDSHAKE_FIELDS
             session.tls = extractTLSFacts(handle, fields)
-        if self._handshakeTimedOut:
+        if (
+            isinstance(self.transport, HandshakeTimeoutTLSProtocol)
+            and self.transport.timedOut
+        ):
+            # ssl_handshake_timeout: the TLS layer aborted, and logged it.
             session.status = STATUS_BAD_REQUEST
             return
         if _isClientCertificateFailure(handle, reason):
@@ -487,7 +530,7 @@ class RelayProtocol(Protocol):
             session.status = STATUS_BAD_REQUEST
         log.info(
             "TLS handshake with {client} failed: {reason}",
-            client=self._peerName(),
+            client=self._peer,
             reason=reason.getErrorMessage(),
             status=session.status,
         )
@@ -510,7 +553,7 @@ class RelayProtocol(Protocol):
             log.warn(
                 "{limit} worker_connections are not enough",
                 limit=factory.connections.limit,
-                client=self._peerName(),
+                client=self._peer,
             )
             session.status = STATUS_BAD_GATEWAY
             self._closeSession()
@@ -526,7 +569,7 @@ class RelayProtocol(Protocol):
         try:
             connecting = connect(_UpstreamFactory(self), key)
         except Exception:
-            log.failure("connecting upstream for {client}", client=self._peerName())
+            log.failure("connecting upstream for {client}", client=self._peer)
             self._releaseSlot()
             session.status = STATUS_INTERNAL_SERVER_ERROR
             self._closeSession()
@@ -537,7 +580,7 @@ class RelayProtocol(Protocol):
         connecting.addErrback(self._bug)
 
     def _bug(self, reason: Failure) -> None:
-        log.failure("relay for {client}", reason, client=self._peerName())
+        log.failure("relay for {client}", reason, client=self._peer)
         if self.session is not None:
             self.session.status = STATUS_INTERNAL_SERVER_ERROR
         self._abortAll()
@@ -560,13 +603,16 @@ class RelayProtocol(Protocol):
         peer = getattr(reason.value, "peer", None)
         if isinstance(peer, str) and peer:
             session.upstreamAddr = peer
+        times = getattr(reason.value, "connectTimes", None)
+        if isinstance(times, (list, tuple)):
+            session.upstreamConnectTimes = times
         if isinstance(reason.value, CancelledError) and self._closing:
             self._maybeFinish()
             return
         session.status = STATUS_BAD_GATEWAY
         log.info(
             "no upstream for {client}: {reason}",
-            client=self._peerName(),
+            client=self._peer,
             reason=reason.getErrorMessage(),
         )
         self._closeSession()
@@ -596,9 +642,9 @@ class RelayProtocol(Protocol):
         self._connection = connection
         self._upstream = protocol
         protocol.adopted = True
-        session.upstreamAddr = getattr(connection, "upstreamAddr", connection.peer)
-        session.upstreamConnectTime = connection.connectTime
-        session.upstreamSessionReused = getattr(connection, "sessionReused", None)
+        session.upstreamAddr = connection.upstreamAddr
+        session.upstreamConnectTimes = connection.connectTimes
+        session.upstreamSessionReused = connection.sessionReused
         upstream = self._upstreamLeg = _Leg(
             "upstream", cast(_Transport, protocol.transport)
         )
@@ -612,12 +658,13 @@ class RelayProtocol(Protocol):
             upstream.close()
             return
         _tune(upstream.transport, factory.proxy.bufferSize)
-        log.debug(
-            "upstream {upstream} connected for {client} in {connectTime:.3f}s",
-            upstream=connection.peer,
-            client=self._peerName(),
-            connectTime=connection.connectTime,
-        )
+        if enabled(LogLevel.debug):
+            log.debug(
+                "upstream {upstream} connected for {client} in {connectTime:.3f}s",
+                upstream=connection.peer,
+                client=self._peer,
+                connectTime=connection.connectTime,
+            )
         upstream.registerProducer(client.transport)
         client.registerProducer(upstream.transport)
         early, self._held = self._held, []
@@ -699,7 +746,7 @@ class RelayProtocol(Protocol):
             log.info(
                 "upstream {upstream} of {client} lost: {reason}",
                 upstream=session.upstreamAddr,
-                client=self._peerName(),
+                client=self._peer,
                 reason=reason.getErrorMessage(),
             )
         self._closing = True
@@ -738,11 +785,10 @@ class RelayProtocol(Protocol):
         if not self.relayFactory.proxy.halfClose or other.readClosed:
             self._closeSession()
             return
-        log.debug(
-            "{side} of {client} half-closed",
-            side=leg.name,
-            client=self._peerName(),
-        )
+        if enabled(LogLevel.debug):
+            log.debug(
+                "{side} of {client} half-closed", side=leg.name, client=self._peer
+            )
         other.shutdownWrite()
 
     def _startTimer(self, delay: float) -> None:
@@ -762,7 +808,7 @@ class RelayProtocol(Protocol):
             return
         timeout = self.relayFactory.proxy.timeout
         if self._closing:
-            log.info("closing {client} timed out", client=self._peerName())
+            log.info("closing {client} timed out", client=self._peer)
             self._abortAll()
             return
         idle = self.relayFactory.clock.seconds() - self._lastActivity
@@ -771,7 +817,7 @@ class RelayProtocol(Protocol):
             return
         log.info(
             "{client} idle for {timeout}s (proxy_timeout): closing",
-            client=self._peerName(),
+            client=self._peer,
             timeout=timeout,
         )
         self._closeSession()
@@ -794,11 +840,6 @@ class RelayProtocol(Protocol):
             if leg is not None:
                 leg.abort()
 
-    def _cancelHandshakeTimer(self) -> None:
-        timer, self._handshakeTimer = self._handshakeTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
     def _maybeFinish(self) -> None:
         client, upstream = self._client, self._upstreamLeg
         if self._finished or client is None or not client.lost:
@@ -814,7 +855,6 @@ class RelayProtocol(Protocol):
         Both sides are closed: log the session.
         """
         self._finished = True
-        self._cancelHandshakeTimer()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -822,21 +862,22 @@ class RelayProtocol(Protocol):
         session = self.session
         assert session is not None
         session.endTime = self.relayFactory.now()
-        log.debug(
-            "client {client} closed (connection {connection}): status {status}, "
-            "bytes from/to client {bytesReceived}/{bytesSent}, "
-            "bytes from/to upstream {upstreamBytesReceived}/{upstreamBytesSent}, "
-            "{sessionTime:.3f}s",
-            client=self._peerName(),
-            connection=session.connection,
-            status=session.status,
-            bytesReceived=session.bytesReceived,
-            bytesSent=session.bytesSent,
-            upstream=session.upstreamAddr,
-            upstreamBytesReceived=session.upstreamBytesReceived or 0,
-            upstreamBytesSent=session.upstreamBytesSent or 0,
-            sessionTime=session.duration(),
-        )
+        if enabled(LogLevel.debug):
+            log.debug(
+                "client {client} closed (connection {connection}): status {status}, "
+                "bytes from/to client {bytesReceived}/{bytesSent}, "
+                "bytes from/to upstream {upstreamBytesReceived}/{upstreamBytesSent}, "
+                "{sessionTime:.3f}s",
+                client=self._peer,
+                connection=session.connection,
+                status=session.status,
+                bytesReceived=session.bytesReceived,
+                bytesSent=session.bytesSent,
+                upstream=session.upstreamAddr,
+                upstreamBytesReceived=session.upstreamBytesReceived or 0,
+                upstreamBytesSent=session.upstreamBytesSent or 0,
+                sessionTime=session.duration(),
+            )
         for writer, template in self.relayFactory.accessLogs:
             try:
                 writer.write(template, session)
@@ -856,14 +897,15 @@ class RelayFactory(ServerFactory[RelayProtocol]):
     Builds the sessions of one stream C{server}.
 
     When the listener has C{ssl}, the caller wraps this factory in a
-    C{TLSMemoryBIOFactory} and passes C{tls=True}.
+    L{tlsrelay._tlsfactory.TLSServerFactory} (which applies
+    C{ssl_handshake_timeout}) and passes C{tls=True}.
 
     @ivar connectUpstream: connects to the C{proxy_pass} target; L{None} with
         C{returnTemplate}.
     @ivar proxy: the C{proxy_*} settings.
-    @ivar tls: the listener has C{ssl}.
-    @ivar handshakeTimeout: C{ssl_handshake_timeout}, seconds.
-    @ivar clock: timers (handshake, C{proxy_timeout}).
+    @ivar tls: the listener has C{ssl}: the session starts when the handshake
+        completes.
+    @ivar clock: the C{proxy_timeout} timers.
     @ivar now: wall-clock time, for the session's variables.
     @ivar connections: C{worker_connections}, shared by all servers of a process.
     @ivar accessLogs: where and how each finished session is logged.
@@ -876,7 +918,6 @@ class RelayFactory(ServerFactory[RelayProtocol]):
     connectUpstream: ConnectUpstream | None
     proxy: Proxy
     tls: bool
-    handshakeTimeout: float
     clock: IReactorTime
     now: Callable[[], float]
     connections: WorkerConnections

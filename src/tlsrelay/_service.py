@@ -31,7 +31,6 @@ from twisted.logger import (
     globalLogPublisher,
     textFileLogObserver,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from tlsrelay._accesslog import AccessLogFiles
 from tlsrelay._config._errors import ConfigError
@@ -50,6 +49,7 @@ from tlsrelay._pool import UpstreamPool
 from tlsrelay._relay import RelayFactory, WorkerConnections
 from tlsrelay._sessions import SessionSharing
 from tlsrelay._tls import ServerContextFactory, buildServerContext, sessionIdContext
+from tlsrelay._tlsfactory import TLSServerFactory
 from tlsrelay._upstreamtls import tlsForServer
 from tlsrelay._variables import compileTemplate
 
@@ -243,7 +243,6 @@ def build(
                 connectUpstream=connect,
                 proxy=server.proxy,
                 tls=listen.ssl,
-                handshakeTimeout=server.tls.handshakeTimeout,
                 clock=reactor,
                 now=reactor.seconds,
                 connections=connections,
@@ -252,8 +251,8 @@ def build(
                 hashKey=hashKey,
             )
             if listen.ssl:
-                factory = TLSMemoryBIOFactory(
-                    contexts[index], False, factory, clock=reactor
+                factory = TLSServerFactory(
+                    contexts[index], factory, server.tls.handshakeTimeout, reactor
                 )
             generation.factories.append((listen, factory))
     _openAccessLogs(accessLogs, config)

@@ -10,8 +10,9 @@ inside an OpenSSL callback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -20,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import LogLevel
 from zope.interface import implementer
 
 from tlsrelay import _openssl
@@ -64,13 +66,21 @@ def readFile(path: str, what: str, where: Where | None) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ConfigError.at(f'cannot load {what} "{path}": no such file', where) from None
+        raise ConfigError.at(
+            f'cannot load {what} "{path}": no such file', where
+        ) from None
     except PermissionError:
-        raise ConfigError.at(f'cannot load {what} "{path}": permission denied', where) from None
+        raise ConfigError.at(
+            f'cannot load {what} "{path}": permission denied', where
+        ) from None
     except IsADirectoryError:
-        raise ConfigError.at(f'cannot load {what} "{path}": is a directory', where) from None
+        raise ConfigError.at(
+            f'cannot load {what} "{path}": is a directory', where
+        ) from None
     except OSError as e:
-        raise ConfigError.at(f'cannot load {what} "{path}": {e.strerror}', where) from None
+        raise ConfigError.at(
+            f'cannot load {what} "{path}": {e.strerror}', where
+        ) from None
 
 
 def readPasswords(paths: Sequence[str], where: Where | None) -> list[bytes]:
@@ -224,6 +234,40 @@ def toleratedVerifyError(connection: SSL.Connection) -> int | None:
     return _tolerated.get(connection)
 
 
+VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
+"""
+A pyOpenSSL verify callback: C{(connection, certificate, errno, depth, ok)}.
+"""
+
+
+def _tolerateErrors(callback: VerifyCallback) -> VerifyCallback:
+    """
+    C{callback}, made unable to raise, as Twisted's C{_sslverify._tolerateErrors}
+    makes its info callback: an exception (a bug) refuses the certificate, which
+    fails that one handshake, and is logged once, at error level, instead of
+    escaping through pyOpenSSL into the TLS layer.
+    """
+
+    @functools.wraps(callback)
+    def verify(
+        connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        try:
+            return callback(connection, cert, errno, depth, ok)
+        except Exception:
+            log.failure(
+                "verifying a client certificate (depth {depth}, error {errno}):"
+                " refused",
+                level=LogLevel.error,
+                depth=depth,
+                errno=errno,
+            )
+            return False
+
+    return verify
+
+
+@_tolerateErrors
 def _verifyOptionalNoCA(
     connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
 ) -> bool:
@@ -235,6 +279,7 @@ def _verifyOptionalNoCA(
     return False
 
 
+@_tolerateErrors
 def _verifyStandard(
     connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
 ) -> bool:
@@ -245,8 +290,17 @@ def addCertificateStore(
     context: SSL.Context,
     path: str,
     where: Where | None,
-    sendNames: bool,
+    sendNames: bool = False,
 ) -> None:
+    """
+    Trust every certificate in the PEM file at C{path} for verifying peers
+    (C{ssl_client_certificate}, C{ssl_trusted_certificate},
+    C{proxy_ssl_trusted_certificate}).
+
+    @param sendNames: also name them to clients as acceptable issuers in the
+        CertificateRequest (C{ssl_client_certificate} does,
+        C{ssl_trusted_certificate} does not).
+    """
     certificates = loadCertificates(path, where)
     store = context.get_cert_store()
     assert store is not None
@@ -261,13 +315,18 @@ def addCertificateStore(
 
 
 def addCRL(context: SSL.Context, path: str, where: Where | None) -> None:
+    """
+    Check peers' certificates, the whole chain, against every CRL in the PEM file
+    at C{path} (C{ssl_crl}, C{proxy_ssl_crl}).
+    """
     data = readFile(path, "CRL", where)
     store = context.get_cert_store()
     assert store is not None
+    end = b"-----END X509 CRL-----"
     count = 0
-    for block in data.split(b"-----END X509 CRL-----")[:-1]:
+    for block in data.split(end)[:-1]:
         try:
-            crl = x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n")
+            crl = x509.load_pem_x509_crl(block + end + b"\n")
         except ValueError:
             raise ConfigError.at(f'cannot load CRL "{path}": bad PEM', where) from None
         store.add_crl(crl)
@@ -296,6 +355,11 @@ def _alpnSelector(protocols: Sequence[str]) -> Any:
 def useCertificate(
     context: SSL.Context, pair: CertificatePair, passwords: Sequence[bytes]
 ) -> None:
+    """
+    Present the certificate chain and key of C{pair} (C{ssl_certificate} and
+    C{ssl_certificate_key}, C{proxy_ssl_certificate} and its key), or raise a
+    L{ConfigError} that says which file is wrong, or that the key does not match.
+    """
     loadCertificates(pair.certificate, pair.where)
     key = loadPrivateKey(pair.key, passwords, pair.where)
     try:
@@ -328,7 +392,9 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
     the file and line of the setting that is wrong.
     """
     if not tls.certificates:
-        raise ConfigError.at('no "ssl_certificate" is defined for the "listen ... ssl"', where)
+        raise ConfigError.at(
+            'no "ssl_certificate" is defined for the "listen ... ssl"', where
+        )
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_options(
         SSL.OP_NO_COMPRESSION

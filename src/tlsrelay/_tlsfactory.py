@@ -10,9 +10,7 @@ connection; the factory keeps serving.
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
@@ -25,35 +23,25 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from tlsrelay._log import Logger
+from tlsrelay._variables import describePeer
 
 log = Logger()
 
 ServerCreator = IOpenSSLServerConnectionCreator | IOpenSSLContextFactory
 
 
-def describePeer(address: IAddress) -> str:
-    """
-    A peer address for a log line: C{192.0.2.1:443}, C{[2001:db8::1]:443},
-    C{unix:/path}.
-    """
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        text = name.decode("utf-8", "replace") if name is not None else ""
-        return f"unix:{text}"
-    return str(address)
-
-
 class HandshakeTimeoutTLSProtocol(BufferingTLSTransport):
     """
     A server TLS connection that is aborted unless its handshake completes
     within the factory's C{handshakeTimeout}.
+
+    @ivar timedOut: the handshake timed out and the connection was aborted
+        (this was logged here), so that the application's C{connectionLost}
+        can tell a timeout from other handshake failures.
     """
 
     factory: TLSServerFactory
+    timedOut = False
     _handshakeTimer: IDelayedCall | None = None
 
     def makeConnection(self, transport: ITransport) -> None:
@@ -79,6 +67,7 @@ class HandshakeTimeoutTLSProtocol(BufferingTLSTransport):
 
     def _handshakeTimedOut(self) -> None:
         self._handshakeTimer = None
+        self.timedOut = True
         assert self.transport is not None
         log.info(
             "TLS handshake with {peer} timed out after {timeout}s",

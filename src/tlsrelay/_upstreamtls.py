@@ -21,7 +21,6 @@ nginx semantics, with these differences (see C{docs/}):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from attrs import define, field, frozen
@@ -40,14 +39,14 @@ from zope.interface import implementer
 from tlsrelay import _openssl
 from tlsrelay._balance import PeerState
 from tlsrelay._config._errors import ConfigError
-from tlsrelay._config._model import UpstreamTLS, Where
+from tlsrelay._config._model import CertificatePair, UpstreamTLS, Where
 from tlsrelay._log import Logger
 from tlsrelay._tls import (
-    loadCertificates,
-    loadPrivateKey,
-    readFile,
+    addCertificateStore,
+    addCRL,
     readPasswords,
     setProtocols,
+    useCertificate,
 )
 
 __all__ = ["ClientTLS", "UpstreamVerificationError", "sslName", "tlsForServer"]
@@ -156,12 +155,6 @@ def _subject(certificate: crypto.X509) -> str:
         return certificate.to_cryptography().subject.rfc4514_string()
     except ValueError:
         return "?"
-
-
-def _fail(message: str, where: Where | None) -> ConfigError:
-    if where is None:
-        return ConfigError(message)
-    return ConfigError(message, where.file, where.line)
 
 
 @define(eq=False)
@@ -403,57 +396,6 @@ class ClientTLS:
             )
 
 
-def _useClientCertificate(
-    context: SSL.Context,
-    certificate: str,
-    key: str,
-    passwords: Sequence[bytes],
-    where: Where | None,
-) -> None:
-    loadCertificates(certificate, where)
-    privateKey = loadPrivateKey(key, passwords, where)
-    try:
-        context.use_certificate_chain_file(certificate)
-    except SSL.Error as e:
-        raise _fail(f'cannot load certificate "{certificate}": {e}', where) from None
-    try:
-        context.use_privatekey(privateKey)
-        context.check_privatekey()
-    except SSL.Error:
-        raise _fail(
-            f'certificate key "{key}" does not match certificate "{certificate}"',
-            where,
-        ) from None
-
-
-def _trust(context: SSL.Context, path: str, where: Where | None) -> None:
-    store = context.get_cert_store()
-    assert store is not None
-    for certificate in loadCertificates(path, where):
-        try:
-            store.add_cert(crypto.X509.from_cryptography(certificate))
-        except crypto.Error:
-            pass  # a duplicate in the file is harmless
-
-
-def _addCRL(context: SSL.Context, path: str, where: Where | None) -> None:
-    data = readFile(path, "CRL", where)
-    store = context.get_cert_store()
-    assert store is not None
-    end = b"-----END X509 CRL-----"
-    blocks = data.split(end)[:-1]
-    if not blocks:
-        raise _fail(f'cannot load CRL "{path}": no PEM CRL found', where)
-    for block in blocks:
-        try:
-            store.add_crl(x509.load_pem_x509_crl(block + end + b"\n"))
-        except ValueError:
-            raise _fail(f'cannot load CRL "{path}": bad PEM', where) from None
-    store.set_flags(
-        crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL
-    )
-
-
 def tlsForServer(
     settings: UpstreamTLS, proxyPassHost: str, where: Where | None
 ) -> ClientTLS:
@@ -473,7 +415,7 @@ def tlsForServer(
     try:
         context.set_cipher_list(settings.ciphers.encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
-        raise _fail(
+        raise ConfigError.at(
             f'SSL_CTX_set_cipher_list("{settings.ciphers}") failed: no cipher matches',
             where,
         ) from None
@@ -481,19 +423,18 @@ def tlsForServer(
 
     if settings.certificate is not None:
         if settings.certificateKey is None:
-            raise _fail(
+            raise ConfigError.at(
                 'no "proxy_ssl_certificate_key" is defined for certificate '
                 f'"{settings.certificate}"',
                 where,
             )
         passwords = readPasswords(settings.passwordFiles, where)
-        _useClientCertificate(
-            context, settings.certificate, settings.certificateKey, passwords, where
-        )
+        pair = CertificatePair(settings.certificate, settings.certificateKey, where)
+        useCertificate(context, pair, passwords)
 
     if settings.verify:
         if settings.trustedCertificate is not None:
-            _trust(context, settings.trustedCertificate, where)
+            addCertificateStore(context, settings.trustedCertificate, where)
         else:
             context.set_default_verify_paths()
             log.info(
@@ -505,7 +446,7 @@ def tlsForServer(
             )
         context.set_verify_depth(settings.verifyDepth)
         if settings.crl is not None:
-            _addCRL(context, settings.crl, where)
+            addCRL(context, settings.crl, where)
 
     if settings.sessionReuse:
         context.set_session_cache_mode(
@@ -519,7 +460,7 @@ def tlsForServer(
         try:
             _openssl.applyConfCommands(context, settings.confCommands, server=False)
         except ValueError as e:
-            raise _fail(str(e), where) from None
+            raise ConfigError.at(str(e), where) from None
 
     name = sslName(proxyPassHost, settings.name)
     return ClientTLS(

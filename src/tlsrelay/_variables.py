@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -28,6 +28,8 @@ from OpenSSL._util import lib as _lib
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 
+from tlsrelay._openssl import sessionReused
+from tlsrelay._tls import toleratedVerifyError
 from tlsrelay._version import __version__
 
 # $status values, as nginx's stream module defines them.
@@ -69,6 +71,9 @@ class Session:
     The relay fills it as the session goes on.  Times come from the injected C{now},
     in seconds since the epoch.
 
+    @ivar upstreamConnectTimes: seconds per upstream tried, L{None} for a try
+        that failed (C{$upstream_connect_time}); L{None} until an upstream was
+        tried.
     @ivar upstreamBytesSent: L{None} until an upstream was tried (nginx shows
         C{$upstream_bytes_*} only then).
     @ivar endTime: when the session ended, or L{None} while it runs
@@ -88,7 +93,7 @@ class Session:
     bytesSent: int = 0
     bytesReceived: int = 0
     upstreamAddr: str | None = None
-    upstreamConnectTime: float | None = None
+    upstreamConnectTimes: Sequence[float | None] | None = None
     upstreamSessionReused: bool | None = None
     upstreamBytesSent: int | None = None
     upstreamBytesReceived: int | None = None
@@ -120,6 +125,22 @@ def addressParts(address: IAddress) -> tuple[str | None, str | None]:
         text = name.decode("utf-8", "surrogateescape") if name else ""
         return "unix:" + text, None
     return None, None
+
+
+def describePeer(address: IAddress) -> str:
+    """
+    An address for a log line: C{192.0.2.1:443}, C{[2001:db8::1]:443},
+    C{unix:/path}.
+    """
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        text = name.decode("utf-8", "replace") if name is not None else ""
+        return f"unix:{text}"
+    return str(address)
 
 
 # --- TLS facts ------------------------------------------------------------------
@@ -223,13 +244,17 @@ def _sessionId(connection: SSL.Connection) -> str | None:
     return elements[3][1].hex()
 
 
-def verifyResult(connection: SSL.Connection) -> tuple[int, str]:
+def verifyResult(
+    connection: SSL.Connection, withTolerated: bool = True
+) -> tuple[int, str]:
     """
     OpenSSL's verification result of the peer's certificate: code and reason.
-    """
-    from tlsrelay._tls import toleratedVerifyError
 
-    tolerated = toleratedVerifyError(connection)
+    @param withTolerated: report the first error C{ssl_verify_client
+        optional_no_ca} tolerated, if any, as C{$ssl_client_verify} does;
+        otherwise only an error that refused the certificate.
+    """
+    tolerated = toleratedVerifyError(connection) if withTolerated else None
     code = (
         tolerated
         if tolerated is not None
@@ -295,7 +320,7 @@ def _factExtractors() -> dict[str, Callable[[SSL.Connection], str | None]]:
         return certificate.fingerprint(hashes.SHA1()).hex()
 
     def reused(connection: SSL.Connection) -> str | None:
-        return "r" if _lib.SSL_session_reused(connection._ssl) else "."
+        return "r" if sessionReused(connection) else "."
 
     def nonEmpty(value: str | None) -> str | None:
         return value or None
@@ -385,6 +410,14 @@ def _seconds(value: float) -> str:
     return f"{value:.3f}"
 
 
+def _perTry(times: Sequence[float | None] | None) -> str | None:
+    # ngx_stream_upstream_response_time_variable: one value per upstream tried,
+    # "-" for a try that did not connect, joined as $upstream_addr is.
+    if not times:
+        return None
+    return ", ".join("-" if t is None else _seconds(t) for t in times)
+
+
 # --- Variables ------------------------------------------------------------------
 
 Getter = Callable[[Session], "str | None"]
@@ -407,6 +440,21 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
+# $pid, computed once per process rather than per line.  Workers are exec'd and
+# import this module afresh, but a single-process relay imports it before twistd
+# daemonizes (forks): a fork updates it.
+_pid = [str(os.getpid())]
+
+
+def _forked() -> None:
+    _pid[0] = str(os.getpid())
+
+
+os.register_at_fork(after_in_child=_forked)
+
+_NGINX_VERSION = __version__.public()
+
+
 _VARIABLES: dict[str, Getter] = {
     "remote_addr": lambda s: s.remoteAddr,
     "remote_port": lambda s: s.remotePort,
@@ -425,9 +473,7 @@ _VARIABLES: dict[str, Getter] = {
         if s.upstreamSessionReused
         else "."
     ),
-    "upstream_connect_time": lambda s: (
-        None if s.upstreamConnectTime is None else _seconds(s.upstreamConnectTime)
-    ),
+    "upstream_connect_time": lambda s: _perTry(s.upstreamConnectTimes),
     "upstream_bytes_sent": lambda s: _optionalInt(s.upstreamBytesSent),
     "upstream_bytes_received": lambda s: _optionalInt(s.upstreamBytesReceived),
     "time_local": lambda s: timeLocal(s.now()),
@@ -435,8 +481,8 @@ _VARIABLES: dict[str, Getter] = {
     "msec": lambda s: _seconds(s.now()),
     "connection": lambda s: str(s.connection),
     "hostname": lambda s: _hostname(),
-    "pid": lambda s: str(os.getpid()),
-    "nginx_version": lambda s: __version__.public(),
+    "pid": lambda s: _pid[0],
+    "nginx_version": lambda s: _NGINX_VERSION,
 }
 _VARIABLES.update(
     (name, _tlsGetter(field)) for name, field in _TLS_FACT_VARIABLES.items()

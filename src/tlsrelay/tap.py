@@ -51,6 +51,12 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--signal must be one of {', '.join(SIGNALS)}, not {self['signal']!r}"
             )
+        # Both finish here, before twistd looks at (or refuses to run because of)
+        # a pid file of a running relay.
+        if self["check"]:
+            check(self["config"])
+        if self["signal"] is not None:
+            signalRunning(self)
 
 
 SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM, "reopen": signal.SIGUSR1}
@@ -72,6 +78,68 @@ def sendSignal(options: Options, pidFile: str | None) -> None:
     except OSError as e:
         raise _fail(f"cannot signal process {pid}: {e.strerror}") from None
     raise SystemExit(0)
+
+
+def check(path: str | None) -> None:
+    """
+    C{--check}: load the configuration, resolve upstream names, build every TLS
+    context, print the effective settings, and exit 0 (or 1 with the error).
+    """
+    from twisted.internet import reactor
+
+    from tlsrelay._accesslog import AccessLogFiles
+    from tlsrelay._config._errors import ConfigError
+    from tlsrelay._config._load import loadConfig
+    from tlsrelay._describe import describe
+    from tlsrelay._relay import WorkerConnections
+    from tlsrelay._service import build, checkHosts
+    from tlsrelay._sessions import SessionSharing
+
+    if path is None:
+        raise _fail("--check needs --config")
+    globalLogPublisher.addObserver(cast(ILogObserver, _printWarnings))
+    files = AccessLogFiles()
+    try:
+        config = loadConfig(path)
+        checkHosts(config)
+        checked = build(
+            config,
+            reactor,
+            files,
+            WorkerConnections(1),
+            SessionSharing(reactor, "check"),
+        )
+    except ConfigError as e:
+        raise _fail(str(e)) from None
+    finally:
+        files.close()
+    checked.closeErrorLogs()
+    sys.stdout.write(describe(config))
+    sys.stdout.write(
+        f"tlsrelay: the configuration file {config.path} syntax is ok\n"
+        f"tlsrelay: configuration file {config.path} test is successful\n"
+    )
+    raise SystemExit(0)
+
+
+def signalRunning(options: Options) -> None:
+    """
+    C{--signal}: find the pid file (the config's C{pid}, else C{--pidfile}) and
+    signal that process.
+    """
+    from tlsrelay._config._errors import ConfigError
+    from tlsrelay._config._load import loadConfig
+
+    pidFile: str | None = None
+    if options["config"] is not None:
+        try:
+            pidFile = loadConfig(options["config"]).pidFile
+        except ConfigError as e:
+            raise _fail(str(e)) from None
+    parent = getattr(options, "parent", None)
+    if not pidFile and parent is not None:
+        pidFile = parent["pidfile"]
+    sendSignal(options, pidFile)
 
 
 def _fail(message: str) -> SystemExit:
@@ -96,7 +164,6 @@ def makeService(options: Options) -> IService:
     from tlsrelay._accesslog import AccessLogFiles
     from tlsrelay._config._errors import ConfigError
     from tlsrelay._config._load import loadConfig
-    from tlsrelay._describe import describe
     from tlsrelay._relay import WorkerConnections
     from tlsrelay._service import (
         RelayService,
@@ -118,36 +185,11 @@ def makeService(options: Options) -> IService:
         sys.stdout.write(banner)
         sys.stdout.flush()
 
-    if options["check"]:
-        globalLogPublisher.addObserver(cast(ILogObserver, _printWarnings))
-        try:
-            config = loadConfig(path)
-            checkHosts(config)
-            checked = build(
-                config,
-                reactor,
-                AccessLogFiles(),
-                WorkerConnections(1),
-                SessionSharing(reactor, "check"),
-            )
-        except ConfigError as e:
-            raise _fail(str(e)) from None
-        checked.closeErrorLogs()
-        sys.stdout.write(describe(config))
-        sys.stdout.write(
-            f"tlsrelay: the configuration file {config.path} syntax is ok\n"
-            f"tlsrelay: configuration file {config.path} test is successful\n"
-        )
-        raise SystemExit(0)
-
     try:
         config = loadConfig(path)
     except ConfigError as e:
         raise _fail(str(e)) from None
     parent = getattr(options, "parent", None)
-    if options["signal"] is not None:
-        pidFile = config.pidFile or (parent["pidfile"] if parent is not None else None)
-        sendSignal(options, pidFile)
     try:
         checkHosts(config)
     except ConfigError as e:

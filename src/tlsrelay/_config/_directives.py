@@ -105,8 +105,9 @@ def _time(key: str, resolution: Literal["ms", "s"] = "ms") -> Handler:
     def handle(d: Directive, loader: Loader, settings: Settings) -> None:
         try:
             settings[key] = parseTime(d.args[0], resolution)
-        except ValueError:
-            raise invalid(d, d.args[0]) from None
+        except ValueError as e:
+            _, _, reason = str(e).partition(", ")
+            raise invalid(d, d.args[0], reason) from None
 
     return handle
 
@@ -501,7 +502,8 @@ def _workerProcesses(d: Directive, loader: Loader, settings: Settings) -> None:
 
 
 def _pid(d: Directive, loader: Loader, settings: Settings) -> None:
-    settings["pidFile"] = None if d.args[0] == "off" else loader.path(d.args[0])
+    # "off": no pid file at all (an empty name), unlike no "pid" directive.
+    settings["pidFile"] = "" if d.args[0] == "off" else loader.path(d.args[0])
 
 
 def _logFormat(d: Directive, loader: Loader, settings: Settings) -> None:

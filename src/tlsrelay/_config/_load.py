@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from tlsrelay._accesslog import PREDEFINED_FORMATS
 from tlsrelay._config._directives import (
     EVENTS,
     MAIN,
@@ -42,11 +43,10 @@ from tlsrelay._config._model import (
 )
 from tlsrelay._config._parser import parseFile
 from tlsrelay._config._tree import Directive
+from tlsrelay._log import Logger
 
-BASIC_FORMAT = (
-    "$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received "
-    "$session_time"
-)
+log = Logger()
+
 
 _TLS_FIELDS = frozenset(f.name for f in attrs.fields(ServerTLS)) - {"certificates"}
 _PROXY_FIELDS = frozenset(f.name for f in attrs.fields(Proxy)) - {"tls"}
@@ -120,6 +120,14 @@ def buildConfig(tree: Iterable[Directive], path: str) -> Config:
             _apply(d.block, EVENTS, loader, main)
         elif d.name == "stream":
             streams.append(d)
+    for d in main.get("_loadModuleWarnings", ()):
+        log.warn(
+            '"load_module {module}" ignored: the stream module is built into tlsrelay '
+            "({file}:{line})",
+            module=d.args[0],
+            file=d.file,
+            line=d.line,
+        )
     stream: Settings = {}
     upstreamBlocks: list[Directive] = []
     serverBlocks: list[Directive] = []
@@ -128,7 +136,7 @@ def buildConfig(tree: Iterable[Directive], path: str) -> Config:
         for d in _apply(block.block, STREAM, loader, stream):
             (upstreamBlocks if d.name == "upstream" else serverBlocks).append(d)
 
-    logFormats: dict[str, str] = {"basic": BASIC_FORMAT}
+    logFormats: dict[str, str] = dict(PREDEFINED_FORMATS)
     for name, template in stream.get("logFormats", ()):
         if name in logFormats:
             d = stream["_logFormatWhere"][name]
