@@ -575,3 +575,64 @@ class HostNotFoundTests(RelayTestCase):
                 f'host not found in upstream "no-such-host.invalid:80" in {path}:3',
                 result.stderr,
             )
+
+
+class CloseTests(RelayTestCase):
+    """
+    How sessions end: a 502 closes the client at once; ALPN with nothing in
+    common is a TLS alert; a client leaving without close_notify keeps its
+    cached session.
+    """
+
+    def test_closing(self) -> None:
+        echo = self.upstream()
+        nowhere, alpn, cached = freePort(), freePort(), freePort()
+        relay = self.relay(
+            f"""
+stream {{
+    ssl_certificate server.pem;
+    ssl_certificate_key server.key;
+    log_format st '$status';
+    access_log access.log st;
+    server {{
+        listen 127.0.0.1:{nowhere} ssl;
+        proxy_pass 127.0.0.1:{freePort()};
+    }}
+    server {{
+        listen 127.0.0.1:{alpn} ssl;
+        ssl_alpn h2;
+        return "ok\\n";
+    }}
+    server {{
+        listen 127.0.0.1:{cached} ssl;
+        ssl_session_tickets off;
+        ssl_session_cache builtin:1000;
+        proxy_pass 127.0.0.1:{echo};
+    }}
+}}
+""",
+            listeners=3,
+        )
+        started = time.monotonic()
+        with self.tlsConnect(nowhere) as tls:
+            self.assertEqual(tls.recv(10), b"")
+        relay.waitFor("no upstream", timeout=5)
+        self.assertLess(time.monotonic() - started, 5)
+
+        result = sClient(alpn, ["-alpn", "http/1.1", "-CAfile", self.files.caFile])
+        self.assertIn(b"no application protocol", result.stderr)
+        self.assertNotIn("Unhandled Error", relay.output())
+
+        context = self.clientContext()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        session = None
+        reused = []
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", cached), timeout=10)
+            tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+            tls.sendall(b"x")
+            self.assertEqual(tls.recv(1), b"x")
+            reused.append(tls.session_reused)
+            session = tls.session
+            tls.close()  # no close_notify
+        self.assertEqual(reused, [False, True, True])

@@ -231,6 +231,9 @@ class _Leg:
             return
         self.closing = True
         self.unregisterProducer()
+        # A side paused until the upstream connected (or by backpressure) must
+        # read again to see its peer's close: TLS waits for close_notify.
+        self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def abort(self) -> None:

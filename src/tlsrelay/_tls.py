@@ -347,7 +347,9 @@ def _alpnSelector(protocols: Sequence[str]) -> Any:
                 return protocol
         # nginx refuses the handshake with a fatal alert when nothing matches;
         # pyOpenSSL turns an exception here into SSL_TLSEXT_ERR_ALERT_FATAL.
-        raise SSL.Error("no application protocol in common with the client")
+        # Shaped like OpenSSL's own errors: Twisted's TLS layer reads them as
+        # (library, function, reason) triples.
+        raise SSL.Error([("SSL routines", "", "no application protocol")])
 
     return select
 
@@ -396,8 +398,11 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
             'no "ssl_certificate" is defined for the "listen ... ssl"', where
         )
     context = SSL.Context(SSL.TLS_METHOD)
+    # OP_IGNORE_UNEXPECTED_EOF, as nginx sets it: a client that closes TCP
+    # without close_notify keeps its cached session.
     context.set_options(
         SSL.OP_NO_COMPRESSION
+        | SSL.OP_IGNORE_UNEXPECTED_EOF
         | SSL.OP_NO_RENEGOTIATION
         | SSL.OP_SINGLE_ECDH_USE
         | SSL.OP_SINGLE_DH_USE
