@@ -636,3 +636,30 @@ stream {{
             session = tls.session
             tls.close()  # no close_notify
         self.assertEqual(reused, [False, True, True])
+
+
+class ErrorLocationTests(RelayTestCase):
+    def test_settingLine(self) -> None:
+        """
+        A TLS setting that fails at load names its own line, also when it is
+        inherited from C{stream}.
+        """
+        path = os.path.join(self.dir, "relay.conf")
+        for setting, message in [
+            ("ssl_ciphers NOSUCH;", 'SSL_CTX_set_cipher_list("NOSUCH") failed'),
+            ("ssl_ecdh_curve nosuch;", "SSL_CTX_set1_groups_list"),
+            ("ssl_conf_command Bogus x;", "SSL_CONF_cmd"),
+        ]:
+            with open(path, "w") as f:
+                f.write(
+                    "stream {\n"
+                    f"  {setting}\n"
+                    "  server {\n    listen 127.0.0.1:9 ssl;\n"
+                    "    ssl_certificate server.pem;\n"
+                    "    ssl_certificate_key server.key;\n"
+                    "    return x;\n  }\n}\n"
+                )
+            result = runTwistd(["--config", path, "--check"], self.dir)
+            self.assertEqual(result.returncode, 1)
+            self.assertIn(message, result.stderr)
+            self.assertIn(f" in {path}:2", result.stderr)

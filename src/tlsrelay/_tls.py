@@ -413,7 +413,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
     except SSL.Error:
         raise ConfigError.at(
             f'SSL_CTX_set_cipher_list("{tls.ciphers}") failed: no cipher matches',
-            tls.protocolsWhere or where,
+            tls.at("ssl_ciphers", where),
         ) from None
     setProtocols(context, tls.protocols, tls.protocolsWhere or where)
     if tls.preferServerCiphers:
@@ -422,17 +422,18 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
         try:
             _openssl.setGroups(context, tls.ecdhCurve)
         except ValueError as e:
-            raise ConfigError.at(str(e), where) from None
+            raise ConfigError.at(str(e), tls.at("ssl_ecdh_curve", where)) from None
     if tls.dhparam is not None:
-        readFile(tls.dhparam, "DH parameters", where)
+        readFile(tls.dhparam, "DH parameters", tls.at("ssl_dhparam", where))
         try:
             context.load_tmp_dh(tls.dhparam.encode("utf-8", "surrogateescape"))
         except SSL.Error as e:
             raise ConfigError.at(
-                f'cannot load DH parameters "{tls.dhparam}": {_reason(e)}', where
+                f'cannot load DH parameters "{tls.dhparam}": {_reason(e)}',
+                tls.at("ssl_dhparam", where),
             ) from None
 
-    passwords = readPasswords(tls.passwordFiles, where)
+    passwords = readPasswords(tls.passwordFiles, tls.at("ssl_password_file", where))
     for pair in tls.certificates:
         useCertificate(context, pair, passwords)
 
@@ -462,12 +463,22 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
             raise ConfigError.at(
                 "no ssl_client_certificate or ssl_trusted_certificate for "
                 f"ssl_verify_client {tls.verifyClient}",
-                where,
+                tls.at("ssl_verify_client", where),
             )
         if tls.clientCertificate is not None:
-            addCertificateStore(context, tls.clientCertificate, where, True)
+            addCertificateStore(
+                context,
+                tls.clientCertificate,
+                tls.at("ssl_client_certificate", where),
+                True,
+            )
         if tls.trustedCertificate is not None:
-            addCertificateStore(context, tls.trustedCertificate, where, False)
+            addCertificateStore(
+                context,
+                tls.trustedCertificate,
+                tls.at("ssl_trusted_certificate", where),
+                False,
+            )
         mode = SSL.VERIFY_PEER
         if tls.verifyClient == "on":
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -479,7 +490,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
         context.set_verify(mode, callback)
         context.set_verify_depth(tls.verifyDepth)
         if tls.crl is not None:
-            addCRL(context, tls.crl, where)
+            addCRL(context, tls.crl, tls.at("ssl_crl", where))
 
     if tls.alpn:
         context.set_alpn_select_callback(_alpnSelector(tls.alpn))
@@ -488,7 +499,7 @@ def buildServerContext(tls: ServerTLS, where: Where | None = None) -> SSL.Contex
         try:
             _openssl.applyConfCommands(context, tls.confCommands, server=True)
         except ValueError as e:
-            raise ConfigError.at(str(e), where) from None
+            raise ConfigError.at(str(e), tls.at("ssl_conf_command", where)) from None
     return context
 
 

@@ -104,6 +104,7 @@ def _apply(
             rest.append(d)
         else:
             spec.handler(d, loader, settings)
+            settings.setdefault("_origins", {})[d.name] = where(d)
     return rest
 
 
@@ -234,8 +235,12 @@ def _server(
         returnValue = returnDirective.args[0]
         _checkTemplate(returnDirective, returnValue)
 
+    origins = {**stream.get("_origins", {}), **own.get("_origins", {})}
     tls = ServerTLS(
         certificates=certificatePairs(merged, where(d)),
+        origins=tuple(
+            (name, at) for name, at in origins.items() if name.startswith("ssl_")
+        ),
         **{k: v for k, v in merged.items() if k in _TLS_FIELDS},
     )
     if tls.ticketKeyRotation is not None and tls.ticketKeyFiles:

@@ -150,6 +150,17 @@ class ServerTLS:
     verifyDepth: int = 1
     crl: str | None = None
     alpn: tuple[str, ...] = ()
+    origins: tuple[tuple[str, Where], ...] = field(default=(), eq=False)
+
+    def at(self, directive: str, fallback: Where | None) -> Where | None:
+        """
+        Where C{directive} was written (in the server or inherited from
+        C{stream}), else C{fallback}: errors about a setting name its line.
+        """
+        for name, where in self.origins:
+            if name == directive:
+                return where
+        return fallback
 
 
 @frozen
