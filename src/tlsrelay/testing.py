@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import trustme
 from attrs import define, field, frozen
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -40,6 +42,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -47,7 +50,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
-    CertificateOptions,
     PrivateCertificate,
     optionsForClientTLS,
 )
@@ -79,6 +81,7 @@ __all__ = [
     "MemoryUpstream",
     "Recorder",
     "RelayFixture",
+    "WithClientCertificate",
     "connectPending",
     "memoryHandshake",
     "pendingConnections",
@@ -211,6 +214,38 @@ def _privateCertificate(files: CertificateFiles) -> PrivateCertificate:
     return private
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+@frozen
+class WithClientCertificate:
+    """
+    Client connections of C{options} that present a certificate, given to
+    pyOpenSSL as C{cryptography} objects (Twisted's C{clientCertificate=} hands
+    it pyOpenSSL's deprecated C{X509} and C{PKey}).
+    """
+
+    options: IOpenSSLClientConnectionCreator
+    certificate: x509.Certificate
+    key: Any
+
+    @classmethod
+    def fromFiles(
+        cls, options: IOpenSSLClientConnectionCreator, files: CertificateFiles
+    ) -> WithClientCertificate:
+        with open(files.certificate, "rb") as f:
+            certificate = x509.load_pem_x509_certificate(f.read())
+        with open(files.key, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+        return cls(options, certificate, key)
+
+    def clientConnectionForTLS(
+        self, tlsProtocol: TLSMemoryBIOProtocol
+    ) -> SSL.Connection:
+        connection = self.options.clientConnectionForTLS(tlsProtocol)
+        connection.use_certificate(self.certificate)
+        connection.use_privatekey(self.key)
+        return connection
+
+
 @define
 class CertificateAuthority:
     """
@@ -294,16 +329,24 @@ class CertificateAuthority:
         host name, sent as SNI, or an IP address), presenting C{certificate} when
         given.
         """
-        client = None if certificate is None else _privateCertificate(certificate)
-        return optionsForClientTLS(serverName, self.trustRoot(), client)
+        options = optionsForClientTLS(serverName, self.trustRoot())
+        if certificate is None:
+            return options
+        return WithClientCertificate.fromFiles(options, certificate)
 
-    def serverOptions(self, certificate: CertificateFiles) -> CertificateOptions:
+    def serverOptions(
+        self, certificate: CertificateFiles
+    ) -> IOpenSSLServerConnectionCreator:
         """
         TLS server options that present C{certificate}: for an in-memory upstream
-        behind C{proxy_ssl on}.
+        behind C{proxy_ssl on}.  Built by tlsrelay's own server context builder
+        (nginx's defaults), so no deprecated pyOpenSSL objects are involved.
         """
-        options: CertificateOptions = _privateCertificate(certificate).options()
-        return options
+        from tlsrelay._config._model import CertificatePair, ServerTLS
+        from tlsrelay._tls import ServerContextFactory, buildServerContext
+
+        pair = CertificatePair(certificate.certificate, certificate.key)
+        return ServerContextFactory(buildServerContext(ServerTLS(certificates=(pair,))))
 
 
 # --- protocols for either end ---------------------------------------------------
