@@ -663,3 +663,44 @@ class ErrorLocationTests(RelayTestCase):
             self.assertEqual(result.returncode, 1)
             self.assertIn(message, result.stderr)
             self.assertIn(f" in {path}:2", result.stderr)
+
+
+class MainContextTests(RelayTestCase):
+    def test_errorLogAndUnixSockets(self) -> None:
+        """
+        C{error_log file level} receives the relay's events at that level and
+        above; C{listen unix:} and a C{unix:} upstream relay bytes.
+        """
+        echo = self.upstream()
+        sockets = os.path.join("/tmp", f"tlsrelay-test-{os.getpid()}-{freePort()}")
+        os.makedirs(sockets)
+        self.addCleanup(lambda: __import__("shutil").rmtree(sockets, True))
+        front = os.path.join(sockets, "front.sock")
+        middle = os.path.join(sockets, "middle.sock")
+        self.relay(
+            f"""
+error_log logs/error.log info;
+stream {{
+    server {{
+        listen unix:{middle};
+        proxy_pass 127.0.0.1:{echo};
+    }}
+    server {{
+        listen unix:{front} ssl;
+        ssl_certificate server.pem;
+        ssl_certificate_key server.key;
+        proxy_pass unix:{middle};
+    }}
+}}
+""".replace("logs/error.log", os.path.join(self.dir, "error.log")),
+            listeners=2,
+        )
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(10)
+        raw.connect(front)
+        with self.clientContext().wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"through two relays")
+            self.assertEqual(tls.recv(100), b"through two relays")
+        with open(os.path.join(self.dir, "error.log")) as f:
+            text = f.read()
+        self.assertIn(f"listening on unix:{front} ssl", text)
