@@ -430,7 +430,6 @@ class RelayService(MultiService):
                 error=str(e),
             )
             return succeed(False)
-        self.connections.limit = config.workerConnections
 
         def switch(_: object) -> bool:
             if not self.running:
@@ -439,7 +438,12 @@ class RelayService(MultiService):
                     listener.close()
                 generation.closeErrorLogs()
                 return False
+            from tlsrelay.tap import setLogLevel
+
             self.listeners.update(new)
+            self.connections.limit = config.workerConnections
+            self.drainTimeout = config.shutdownTimeout
+            setLogLevel(config)
             old, self.generation = self.generation, generation
             self._observe(generation)
             generation.startChecks()

@@ -34,6 +34,7 @@ from tlsrelay._log import Logger
 log = Logger()
 
 RESPAWN_DELAY = 1.0
+RESPAWN_DELAY_MAX = 30.0
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -126,6 +127,9 @@ class WorkerSupervisor(Service):
         self.stopping = False
         self.reloading: Deferred[bool] | None = None
         self.readyTimeout = 60.0
+        # Consecutive deaths before readiness, per slot: the respawn delay
+        # doubles with each, so a worker that cannot start does not spin.
+        self.failures: dict[int, int] = {}
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -185,10 +189,12 @@ class WorkerSupervisor(Service):
             reason.value.exitCode if isinstance(reason.value, ProcessTerminated) else 0
         )
         worker.ended.callback(None)
-        if not worker.ready.called:
+        wasReady = worker.ready.called
+        if not wasReady:
             worker.ready.errback(
                 RuntimeError(f"worker {worker.pid} exited before it was ready")
             )
+            worker.ready.addErrback(lambda _: None)  # reported by whoever waited
         if worker.stopping or self.stopping:
             log.info("worker {pid} exited", pid=worker.pid)
             return
@@ -198,8 +204,12 @@ class WorkerSupervisor(Service):
             reason="exit 0" if clean else f"exit {code}" if code else str(reason.value),
         )
         if worker.generation == self.generation:
+            failures = self.failures.get(worker.slot, 0)
+            failures = 0 if wasReady else failures + 1
+            self.failures[worker.slot] = failures
+            delay = min(RESPAWN_DELAY * 2 ** max(failures - 1, 0), RESPAWN_DELAY_MAX)
             self.reactor.callLater(
-                RESPAWN_DELAY, self._respawn, Worker(worker.generation, worker.slot)
+                delay, self._respawn, Worker(worker.generation, worker.slot)
             )
 
     def _respawn(self, worker: Worker) -> None:
