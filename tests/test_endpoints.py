@@ -11,8 +11,6 @@ import sys
 from typing import Any
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa as rsaKeys
 from OpenSSL import SSL
@@ -24,7 +22,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import (
     IHandshakeListener,
-    IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IStreamServerEndpoint,
@@ -39,7 +36,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.plugin import IPlugin, getPlugins
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -57,7 +54,12 @@ from tlsrelay._parsers import (
 from tlsrelay._tls import ServerContextFactory, buildServerContext
 from tlsrelay._tlsfactory import TLSServerFactory
 from tlsrelay.endpoints import TLSRelayServerEndpoint
-from tlsrelay.testing import CertificateFiles, memoryHandshake, writeCertificates
+from tlsrelay.testing import (
+    CertificateFiles,
+    WithClientCertificate,
+    memoryHandshake,
+    writeCertificates,
+)
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8443)
 CLIENT_ADDRESS = IPv4Address("TCP", "192.0.2.7", 51234)
@@ -112,28 +114,6 @@ def readBytes(path: str) -> bytes:
         return f.read()
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-@attrs.frozen
-class WithClientCertificate:
-    """
-    Client connections of C{options} that present a certificate, given to
-    pyOpenSSL as C{cryptography} objects (Twisted's C{clientCertificate=} hands
-    it pyOpenSSL's deprecated C{X509} and C{PKey}).
-    """
-
-    options: IOpenSSLClientConnectionCreator
-    certificate: x509.Certificate
-    key: Any
-
-    def clientConnectionForTLS(
-        self, tlsProtocol: TLSMemoryBIOProtocol
-    ) -> SSL.Connection:
-        connection = self.options.clientConnectionForTLS(tlsProtocol)
-        connection.use_certificate(self.certificate)
-        connection.use_privatekey(self.key)
-        return connection
-
-
 def clientCreator(
     files: CertificateFiles,
     clientFiles: CertificateFiles | None = None,
@@ -150,11 +130,7 @@ def clientCreator(
     )
     if clientFiles is None:
         return options
-    return WithClientCertificate(
-        options,
-        x509.load_pem_x509_certificate(readBytes(clientFiles.certificate)),
-        serialization.load_pem_private_key(readBytes(clientFiles.key), None),
-    )
+    return WithClientCertificate.fromFiles(options, clientFiles)
 
 
 def connectTLS(
