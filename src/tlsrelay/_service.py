@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from attrs import define, field
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import (
     FilteringLogObserver,
@@ -31,6 +31,7 @@ from twisted.logger import (
     globalLogPublisher,
     textFileLogObserver,
 )
+from twisted.python.failure import Failure
 
 from tlsrelay._accesslog import AccessLogFiles
 from tlsrelay._config._errors import ConfigError
@@ -182,6 +183,9 @@ def openErrorLogs(config: Config) -> list[tuple[IO[str], ILogObserver]]:
             try:
                 stream = open(errorLog.path, "a", buffering=1, encoding="utf-8")
             except OSError as e:
+                for opened, _ in observers:
+                    if opened is not sys.stderr:
+                        opened.close()
                 raise ConfigError(
                     f'could not open error log file: open() "{errorLog.path}" '
                     f"failed ({e.errno}: {e.strerror})",
@@ -307,6 +311,16 @@ def _openAccessLogs(files: AccessLogFiles, config: Config) -> None:
         ) from None
 
 
+def _firstError(failure: Failure) -> Failure:
+    """
+    The failure a L{FirstError} wraps, so that its message is the one logged.
+    """
+    if isinstance(failure.value, FirstError):
+        subFailure: Failure = failure.value.subFailure
+        return subFailure
+    return failure
+
+
 def _connector(pool: UpstreamPool, server: StreamServer) -> Any:
     proxy = server.proxy
 
@@ -357,6 +371,8 @@ class RelayService(MultiService):
         generation = self.generation
 
         def listen(_: object) -> None:
+            if not self.running:
+                return  # stopped while the upstream names resolved
             generation.startChecks()
             self._listen(generation)
 
@@ -374,7 +390,8 @@ class RelayService(MultiService):
 
     def _resolve(self, generation: Generation) -> Deferred[Any]:
         resolving = [pool.resolveAll() for pool in generation.pools]
-        return DeferredList(resolving, fireOnOneErrback=True, consumeErrors=True)
+        waiting = DeferredList(resolving, fireOnOneErrback=True, consumeErrors=True)
+        return waiting.addErrback(_firstError)
 
     def _listen(self, generation: Generation) -> None:
         """
@@ -416,6 +433,7 @@ class RelayService(MultiService):
 
         path = self.generation.config.path
         log.info("reloading {path}", path=path)
+        generation: Generation | None = None
         try:
             config = loadConfig(path)
             checkHosts(config)
@@ -425,6 +443,8 @@ class RelayService(MultiService):
             )
             new = bindAll(configListens(config), self.listeners, self.bind)
         except ConfigError as e:
+            if generation is not None:
+                generation.closeErrorLogs()
             log.error(
                 "reload failed, keeping the running configuration: {error}",
                 error=str(e),

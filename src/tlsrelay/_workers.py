@@ -20,7 +20,13 @@ from typing import Any
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    succeed,
+)
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import globalLogPublisher
@@ -115,7 +121,6 @@ class WorkerSupervisor(Service):
         """
         self.sharing = sharing
         self.errorLogs = errorLogs
-        self.instanceDirectory = sharing.directory if sharing is not None else None
         self.config = config
         self.listeners = listeners
         self.reactor = reactor
@@ -130,6 +135,17 @@ class WorkerSupervisor(Service):
         # Consecutive deaths before readiness, per slot: the respawn delay
         # doubles with each, so a worker that cannot start does not spin.
         self.failures: dict[int, int] = {}
+
+    @property
+    def instanceDirectory(self) -> str | None:
+        """
+        Where the master shares session state; read at each spawn, since the
+        sharing makes it only when a configuration first needs it.
+        """
+        if self.sharing is None:
+            return None
+        directory: str | None = self.sharing.directory
+        return directory
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -214,7 +230,17 @@ class WorkerSupervisor(Service):
 
     def _respawn(self, worker: Worker) -> None:
         if not self.stopping and worker.generation == self.generation:
-            self._spawn(worker)
+            if not self._running(worker.generation, worker.slot):
+                self._spawn(worker)
+
+    def _running(self, generation: int, slot: int) -> bool:
+        """
+        Whether a worker of C{generation} runs in C{slot}, not told to stop.
+        """
+        return any(
+            w.generation == generation and w.slot == slot and not w.stopping
+            for w in self.workers
+        )
 
     def reload(self) -> Deferred[bool]:
         """
@@ -259,15 +285,27 @@ class WorkerSupervisor(Service):
             return True
 
         def failed(failure: Failure) -> bool:
+            error = failure.value
+            if isinstance(error, FirstError):
+                error = error.subFailure.value
+            message = str(error)
+            if isinstance(error, CancelledError):
+                # The timeout cancelled the wait, and with it each readiness.
+                message = f"new workers not ready in {self.readyTimeout:g} seconds"
             log.error(
                 "reload failed, keeping the running workers: {error}",
-                error=failure.getErrorMessage(),
+                error=message,
             )
             self.config = previous
             self.generation = previousGeneration
             self._stopWorkers(fresh)
             for key in new:
                 self.listeners.pop(key).socket.close()
+            # A worker of this generation that died meanwhile was not restarted
+            # (its generation was not the current one then): restart it now.
+            for slot in range(previous.workerProcesses):
+                if not self.stopping and not self._running(previousGeneration, slot):
+                    self._spawn(Worker(previousGeneration, slot))
             return False
 
         waiting: Deferred[Any] = DeferredList(
