@@ -331,6 +331,7 @@ class TLSRelayServerParser:
             context = buildServerContext(tls)
             sharing.install(context, tls, sessionIdContext(tls), None)
         except ConfigError as e:
+            sharing.stopService()  # removes any directory it made
             hint = ""
             if "certificate key" in e.message and any(
                 pair.key == pair.certificate for pair in tls.certificates

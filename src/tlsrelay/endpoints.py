@@ -89,6 +89,10 @@ class TLSRelayServerEndpoint:
         """
         if self.sessions is not None and not self.sessions.running:
             self.sessions.startService()
+            # Rotation timers and a shared cache's files end with the reactor.
+            adder = getattr(self.clock, "addSystemEventTrigger", None)
+            if adder is not None:
+                adder("before", "shutdown", self.sessions.stopService)
         return self.inner.listen(
             TLSServerFactory(
                 self.contextFactory, protocolFactory, self.handshakeTimeout, self.clock
