@@ -504,6 +504,12 @@ class DemoTests(SynchronousTestCase):
             process.terminate()
             process.wait(10)
             log.close()
+            with open(os.path.join(directory, "out.log")) as f:
+                for line in f:
+                    if line.strip().startswith("config:"):
+                        demo = os.path.dirname(line.split()[-1])
+                        if os.path.basename(demo).startswith("tlsrelay-demo-"):
+                            __import__("shutil").rmtree(demo, True)
 
 
 class FailoverTests(RelayTestCase):
