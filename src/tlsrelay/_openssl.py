@@ -765,15 +765,27 @@ def installTicketKeys(
     )
     _setSessionIdContext(context, sessionIdContext)
     ciphers = {"aes-128-cbc": aes128, "aes-256-cbc": aes256}
+    # Per key, built at its first use rather than at every ticket: the cipher,
+    # the HMAC parameters (and the buffer they point at).  Keyed by identity:
+    # keys() returns the same objects until the ring changes.
+    prepared: dict[int, tuple[TicketKey, Any, Any, Any]] = {}
+
+    def prepare(key: TicketKey) -> tuple[TicketKey, Any, Any, Any]:
+        entry = prepared.get(id(key))
+        if entry is None or entry[0] is not key:
+            if len(prepared) >= 64:
+                prepared.clear()
+            params, keyBuffer = _macParameters(key.hmacKey)
+            entry = prepared[id(key)] = (key, ciphers[key.cipher](), params, keyBuffer)
+        return entry
 
     def encrypt(keyName: int, iv: int, cipherContext: int, macContext: int) -> int:
         current, _ = keys()
-        cipher = ciphers[current.cipher]()
+        _, cipher, params, _keyBuffer = prepare(current)
         if randBytes(iv, 16) != 1:
             return -1
         if encryptInit(cipherContext, cipher, None, current.aesKey, iv) != 1:
             return -1
-        params, _keyBuffer = _macParameters(current.hmacKey)
         if setMacParams(macContext, params) != 1:
             return -1
         ctypes.memmove(keyName, current.name, 16)
@@ -792,10 +804,9 @@ def installTicketKeys(
                     break
             else:
                 return 0
-        params, _keyBuffer = _macParameters(key.hmacKey)
+        _, cipher, params, _keyBuffer = prepare(key)
         if setMacParams(macContext, params) != 1:
             return -1
-        cipher = ciphers[key.cipher]()
         if decryptInit(cipherContext, cipher, None, key.aesKey, iv) != 1:
             return -1
         if key is not current or sslVersion(ssl) == _TLS1_3_VERSION:

@@ -36,12 +36,16 @@ what they found through L{UpstreamPool.markHealthy}.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
+from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from functools import partial
+from os import strerror
+from typing import Any
 
 from attrs import define, field
 from OpenSSL import SSL
-from twisted.internet import error
+from twisted.internet import abstract, error, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import (
@@ -68,6 +72,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -89,6 +94,7 @@ from tlsrelay._config._model import (
 )
 from tlsrelay._log import Logger
 from tlsrelay._openssl import sessionReused
+from tlsrelay._tlsfactory import FastTLSProtocol, LeanSocketMixin
 
 log = Logger()
 
@@ -295,6 +301,7 @@ class UpstreamPool:
             tuple[PeerState, float, int | None], IStreamClientEndpoint
         ] = {}
         self._creators: dict[PeerState, IOpenSSLClientConnectionCreator | None] = {}
+        self._targets: dict[tuple[PeerState, int | None], _Target | None] = {}
 
     def resolveAll(self) -> Deferred[None]:
         """
@@ -400,6 +407,9 @@ class UpstreamPool:
         self._creators = {
             peer: creator for peer, creator in self._creators.items() if peer in current
         }
+        self._targets = {
+            key: target for key, target in self._targets.items() if key[0] in current
+        }
 
     def _creator(self, peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
         if self._tlsFor is None:
@@ -431,19 +441,53 @@ class UpstreamPool:
             C{timeout} passes first, with the TCP failure, or with
             L{UpstreamHandshakeFailed}.  Cancelling aborts the attempt.
         """
+        reactor = self._reactor
         try:
             creator = self._creator(peer)
-            endpoint = self._endpoint(peer, timeout, port)
+            target = self._target(peer, port)
+            if target is not None and creator is None:
+                # Plain TCP: the attempt keeps its own time.
+                return _Dial(reactor, target, factory, timeout).result.addCallback(  # type: ignore[arg-type]
+                    _plain
+                )
+            connect: Callable[[IProtocolFactory], Deferred[IProtocol]]
+            if target is not None:
+                connect = partial(_dial, reactor, target)  # type: ignore[arg-type]
+            else:
+                connect = self._endpoint(peer, timeout, port).connect
             pending: Deferred[_Connected]
             if creator is None:
-                pending = endpoint.connect(factory).addCallback(_plain)
+                pending = connect(factory).addCallback(_plain)
             else:
-                pending = _Securing(
-                    endpoint, creator, factory, peer, self._reactor
-                ).result
+                pending = _Securing(connect, creator, factory, peer, reactor).result
         except BaseException:
             return fail()
-        return pending.addTimeout(timeout, self._reactor, _timedOut)
+        return pending.addTimeout(timeout, reactor, _timedOut)
+
+    def _target(self, peer: PeerState, port: int | None) -> _Target | None:
+        """
+        Where a L{_Dial} connects for C{peer} (and C{port}): a literal TCP
+        address on a POSIX reactor; L{None} (an endpoint connects) otherwise.
+        """
+        key = (peer, port)
+        try:
+            return self._targets[key]
+        except KeyError:
+            pass
+        address = peer.address
+        target: _Target | None = None
+        if (
+            address.kind != "unix"
+            and isinstance(self._reactor, PosixReactorBase)
+            and _literal(address)
+        ):
+            number = address.port if port is None else port
+            if isIPv6Address(address.host):
+                target = (socket.AF_INET6, tcp._resolveIPv6(address.host, number))
+            else:
+                target = (socket.AF_INET, (address.host, number))
+        self._targets[key] = target
+        return target
 
     def _endpoint(
         self, peer: PeerState, timeout: float, port: int | None = None
@@ -622,6 +666,12 @@ class _Connecting:
             self.pending.cancel()
 
 
+_Target = tuple[int, tuple[Any, ...]]
+"""
+A socket address family and address to connect to.
+"""
+
+
 def _plain(protocol: IProtocol) -> _Connected:
     return protocol, None
 
@@ -688,7 +738,7 @@ class _Securing:
 
     def __init__(
         self,
-        endpoint: IStreamClientEndpoint,
+        connect: Callable[[IProtocolFactory], Deferred[IProtocol]],
         creator: IOpenSSLClientConnectionCreator,
         factory: IProtocolFactory,
         peer: PeerState,
@@ -698,10 +748,10 @@ class _Securing:
         self.peer = peer
         self.tls: TLSMemoryBIOProtocol | None = None
         self.result: Deferred[_Connected] = Deferred(self._cancel)
-        tlsFactory = TLSMemoryBIOFactory(
+        tlsFactory = _ClientTLSFactory(
             creator, True, _HandshakingFactory(self), clock=clock
         )
-        self.connecting = endpoint.connect(tlsFactory)
+        self.connecting = connect(tlsFactory)
         self.connecting.addErrback(self._notConnected)
 
     def _notConnected(self, reason: Failure) -> None:
@@ -736,3 +786,140 @@ class _Securing:
             self.tls.abortConnection()
         else:
             self.connecting.cancel()
+
+
+class _ClientTLSFactory(TLSMemoryBIOFactory):
+    """
+    Upstream TLS with the relay's cheaper TLS protocol.
+    """
+
+    protocol = FastTLSProtocol
+
+
+def _dial(
+    reactor: PosixReactorBase, target: _Target, factory: IProtocolFactory
+) -> Deferred[IProtocol]:
+    """
+    Connect C{factory}'s protocol to C{target} (see L{_Dial}), with no time
+    limit of its own.
+    """
+    return _Dial(reactor, target, factory).result
+
+
+class _Dial:
+    """
+    One TCP connection attempt made straight on a POSIX reactor's socket
+    transport: what C{TCP4ClientEndpoint.connect} does through
+    C{reactor.connectTCP} and its C{Connector}, without those layers, without
+    their round trip through the reactor before C{connect(2)}, without the
+    endpoint's protocol wrapper (which every byte would pass through), and with
+    one timer for C{timeout} rather than a connector's and a L{Deferred}'s.
+
+    Fires C{result} with the protocol C{factory} built, once it is connected;
+    fails as the endpoint does: with the connect error, with
+    L{error.ConnectingCancelledError} when cancelled, and with
+    L{error.TimeoutError} when C{timeout} passes first.
+    """
+
+    def __init__(
+        self,
+        reactor: PosixReactorBase,
+        target: _Target,
+        factory: IProtocolFactory,
+        timeout: float | None = None,
+    ) -> None:
+        self.factory = factory
+        self.result: Deferred[IProtocol] = Deferred(self._cancel)
+        self._timeout = timeout
+        self._timer = (
+            None if timeout is None else reactor.callLater(timeout, self._timedOut)
+        )
+        self.transport = _UpstreamClient(target, self, reactor)
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        return self.factory.buildProtocol(addr)
+
+    def connected(self, protocol: IProtocol) -> None:
+        self._stopTimer()
+        if not self.result.called:
+            self.result.callback(protocol)
+
+    def connectionFailed(self, reason: Failure) -> None:
+        self._stopTimer()
+        if not self.result.called:
+            self.result.errback(reason)
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def _stopTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if not self.result.called:
+            self.result.errback(
+                error.TimeoutError(string=f"no connection within {self._timeout}s")
+            )
+            self.transport.stopConnecting()  # type: ignore[no-untyped-call]
+
+    def _cancel(self, result: Deferred[IProtocol]) -> None:
+        self._stopTimer()
+        transport = self.transport
+        result.errback(error.ConnectingCancelledError(transport.getPeer()))  # type: ignore[no-untyped-call]
+        transport.stopConnecting()  # type: ignore[no-untyped-call]
+
+
+class _UpstreamClient(LeanSocketMixin, tcp.Client):
+    """
+    The socket transport of a L{_Dial}: connects at once, and hands its
+    protocol over when connected; reads and closes as L{LeanSocketMixin} does.
+    """
+
+    def __init__(
+        self, target: _Target, connector: _Dial, reactor: PosixReactorBase
+    ) -> None:
+        self.connector = connector
+        self._requiresResolution = False
+        family, address = target
+        if family == socket.AF_INET6:
+            self.addressFamily = family  # type: ignore[assignment]
+            self._addressType = IPv6Address  # type: ignore[assignment]
+        self.addr = self.realAddress = address
+        # What Connection.__init__ does, with the socket made non-blocking by
+        # socket(2) itself rather than by one more ioctl(2), and no Python
+        # wrapper around it (the transport uses none of its additions).
+        abstract.FileDescriptor.__init__(self, reactor=reactor)  # type: ignore[arg-type]
+        skt = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self.socket = skt  # type: ignore[assignment]
+        self.fileno = skt.fileno
+        self.protocol = None  # type: ignore[assignment]
+        self.doRead = self.doWrite = self.doConnect  # type: ignore[method-assign]
+        try:
+            result = skt.connect_ex(address)
+        except OSError as e:
+            result = e.args[0]
+        if result in (0, EISCONN, EINPROGRESS, EWOULDBLOCK, EALREADY):
+            # Readable or writable: connected, or failed (doConnect tells).
+            self.startReading()  # type: ignore[no-untyped-call]
+            self.startWriting()  # type: ignore[no-untyped-call]
+        else:
+            self.failIfNotConnected(error.getConnectError((result, strerror(result))))  # type: ignore[no-untyped-call]
+
+    def doConnect(self) -> None:
+        if not hasattr(self, "connector"):
+            # Failed already, in the read half of this very event.
+            return
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.failIfNotConnected(error.getConnectError((err, strerror(err))))  # type: ignore[no-untyped-call]
+            return
+        del self.doWrite
+        del self.doRead
+        self.stopWriting()  # type: ignore[no-untyped-call]
+        self._connectDone()  # type: ignore[no-untyped-call]
+        protocol = self.protocol
+        if self.connected and protocol is not None:
+            self.connector.connected(protocol)

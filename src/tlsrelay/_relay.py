@@ -50,7 +50,7 @@ from zope.interface import implementer
 from tlsrelay._accesslog import AccessLogWriter
 from tlsrelay._config._model import Proxy
 from tlsrelay._log import Logger, enabled
-from tlsrelay._tlsfactory import HandshakeTimeoutTLSProtocol
+from tlsrelay._tlsfactory import HandshakeTimeoutTLSProtocol, writeThrough
 from tlsrelay._variables import (
     STATUS_BAD_GATEWAY,
     STATUS_BAD_REQUEST,
@@ -232,8 +232,10 @@ class _Leg:
         self.closing = True
         self.unregisterProducer()
         # A side paused until the upstream connected (or by backpressure) must
-        # read again to see its peer's close: TLS waits for close_notify.
-        self.transport.resumeProducing()
+        # read again to see its peer's close: TLS waits for close_notify.  One
+        # whose peer already closed has nothing more to read.
+        if not self.readClosed:
+            self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def abort(self) -> None:
@@ -437,7 +439,8 @@ class RelayProtocol(Protocol):
             startTime=factory.now(),
             connection=factory.connections.nextSerial(),
         )
-        session.setAddresses(transport.getHost(), peer)
+        # getsockname(2) only when a template shows $server_addr/$server_port.
+        session.setAddresses(transport.getHost() if factory.needsHost else None, peer)
         self.session = session
         _tune(transport, factory.proxy.bufferSize)
         if enabled(LogLevel.debug):
@@ -472,7 +475,7 @@ class RelayProtocol(Protocol):
         if upstream.lost or upstream.writeClosed:
             return
         self._lastActivity = self.relayFactory.clock.seconds()
-        upstream.transport.write(data)
+        writeThrough(upstream.transport, data)
         assert session.upstreamBytesSent is not None
         session.upstreamBytesSent += len(data)
 
@@ -672,7 +675,7 @@ class RelayProtocol(Protocol):
         client.registerProducer(upstream.transport)
         early, self._held = self._held, []
         for data in early:
-            upstream.transport.write(data)
+            writeThrough(upstream.transport, data)
             assert session.upstreamBytesSent is not None
             session.upstreamBytesSent += len(data)
         for data in held:
@@ -694,7 +697,7 @@ class RelayProtocol(Protocol):
         assert client is not None and session is not None
         if client.lost or client.writeClosed:
             return
-        client.transport.write(data)
+        writeThrough(client.transport, data)
         session.bytesSent += len(data)
 
     # --- upstream events ------------------------------------------------------------
@@ -795,9 +798,13 @@ class RelayProtocol(Protocol):
         other.shutdownWrite()
 
     def _startTimer(self, delay: float) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.relayFactory.clock.callLater(delay, self._timerFired)
+        # One timer per session, moved rather than replaced: cheaper for the
+        # reactor than a cancel and a new call each time.
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self.relayFactory.clock.callLater(delay, self._timerFired)
 
     def _armCloseTimer(self) -> None:
         # Bounds how long closing may take (a TLS peer that never answers
@@ -928,6 +935,7 @@ class RelayFactory(ServerFactory[RelayProtocol]):
     returnTemplate: Template | None = None
     hashKey: Template | None = None
     tlsFields: frozenset[str] = field(init=False)
+    needsHost: bool = field(init=False)
 
     noisy = False
 
@@ -941,6 +949,7 @@ class RelayFactory(ServerFactory[RelayProtocol]):
             if maybe is not None:
                 names |= maybe.names
         self.tlsFields = tlsFactNames(names)
+        self.needsHost = not names.isdisjoint({"server_addr", "server_port"})
 
     def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:
         protocol = RelayProtocol(self)

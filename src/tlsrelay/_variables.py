@@ -99,11 +99,13 @@ class Session:
     upstreamBytesReceived: int | None = None
     endTime: float | None = None
 
-    def setAddresses(self, host: IAddress, peer: IAddress) -> None:
+    def setAddresses(self, host: IAddress | None, peer: IAddress) -> None:
         """
-        Fill C{$server_addr}, C{$server_port}, C{$remote_addr}, C{$remote_port}.
+        Fill C{$server_addr}, C{$server_port} (unless C{host} is L{None}: no
+        template shows them), C{$remote_addr}, C{$remote_port}.
         """
-        self.serverAddr, self.serverPort = addressParts(host)
+        if host is not None:
+            self.serverAddr, self.serverPort = addressParts(host)
         self.remoteAddr, self.remotePort = addressParts(peer)
 
     def duration(self) -> float:
@@ -341,6 +343,7 @@ def _factExtractors() -> dict[str, Callable[[SSL.Connection], str | None]]:
 
 
 _EXTRACTORS = _factExtractors()
+_NO_FACTS = TLSFacts()
 
 
 def tlsFactNames(variables: Iterable[str]) -> frozenset[str]:
@@ -359,6 +362,8 @@ def extractTLSFacts(connection: SSL.Connection, fields: Collection[str]) -> TLSF
     Call it once, after the handshake (or after it failed: what can be known then
     is); the relay keeps the result, not the connection.
     """
+    if not fields:
+        return _NO_FACTS
     values: dict[str, Any] = {}
     for field in fields:
         try:
