@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from zope.interface.verify import verifyObject
 
 from tests._iosim import FakeTransport, IOPump
 from tests._iosim import connect as iosimConnect
+from tests._realreactor import RealReactor, listeningSocket
 from tlsrelay._config._model import (
     Address,
     Balancer,
@@ -56,7 +58,9 @@ from tlsrelay._pool import (
     UpstreamConnection,
     UpstreamPool,
     _Addresses,
+    _ConnectedConnector,
     _Handshaking,
+    _UpstreamClient,
     groupForAddress,
 )
 from tlsrelay._tls import ServerContextFactory
@@ -1022,3 +1026,115 @@ class TLSTests(SynchronousTestCase):
         d = pool.connect(factory(), b"", Proxy())
         accept(reactor)
         self.assertTrue(IProtocol.providedBy(connected(d).protocol))
+
+
+class DialTests(SynchronousTestCase):
+    """
+    On a real POSIX reactor, plain TCP to a literal address skips the endpoint
+    and connector layers (L{tlsrelay._pool._Dial}) with the same outcomes.
+    """
+
+    def setUp(self) -> None:
+        self.real = RealReactor(self)
+        self.reactor = self.real.reactor
+        self.listener = listeningSocket()
+        self.addCleanup(self.listener.close)
+        self.port = self.listener.getsockname()[1]
+
+    def pool(self, port: int) -> tuple[UpstreamPool, Any]:
+        group = UpstreamGroup("backend", (UpstreamServer(tcp(port)),), Balancer())
+        pool = UpstreamPool(group, self.reactor, random.Random(3))
+        return pool, pool.peers.primary[0]
+
+    def attempt(self, port: int, timeout: float = 5.0) -> Deferred[Any]:
+        pool, peer = self.pool(port)
+        self.pools = pool
+        d = pool.connectPeer(peer, factory(), timeout)
+        self.real.spin(lambda: d.called)
+        return d
+
+    def test_connects(self) -> None:
+        """
+        The protocol is connected straight on the socket transport, which lets
+        the attempt go once connected; no timer is left.
+        """
+        d = self.attempt(self.port)
+        protocol, reused = self.successResultOf(d)
+        self.assertIsNone(reused)
+        transport = protocol.transport
+        self.assertIsInstance(transport, _UpstreamClient)
+        self.assertIs(transport.connector, _ConnectedConnector)
+        self.assertGreater(transport.readSize, transport.bufferSize)
+        self.assertEqual(
+            transport.getPeer(), IPv4Address("TCP", "127.0.0.1", self.port)
+        )
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        accepted, _ = self.listener.accept()
+        self.addCleanup(accepted.close)
+        transport.write(b"hello")
+        self.real.spin(lambda: not transport._tempDataLen and not transport.dataBuffer)
+        accepted.settimeout(5)
+        self.assertEqual(accepted.recv(5), b"hello")
+        transport.loseConnection()
+        self.real.spin(lambda: transport.disconnected)
+        self.assertEqual(accepted.recv(5), b"")
+
+    def test_refused(self) -> None:
+        """
+        A refused connection fails with the refusal, as through an endpoint.
+        """
+        self.listener.close()
+        d = self.attempt(self.port)
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_timeout(self) -> None:
+        """
+        An attempt that does not connect in time fails with
+        L{twisted.internet.error.TimeoutError}.
+        """
+        full = listeningSocket(backlog=0)
+        self.addCleanup(full.close)
+        address = full.getsockname()
+        # Fill the accept queue: later SYNs are dropped, so connect hangs.
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(address)
+            self.addCleanup(filler.close)
+        d = self.attempt(address[1], timeout=0.2)
+        failure = self.failureResultOf(d, ConnectTimeoutError)
+        self.assertIn("no connection within 0.2s", str(failure.value))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling stops the attempt and closes its socket.
+        """
+        pool, peer = self.pool(self.port)
+        d = pool.connectPeer(peer, factory(), 5.0)
+        d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        waker = self.reactor.waker
+        self.assertEqual([r for r in self.reactor.getReaders() if r is not waker], [])
+        self.assertEqual(self.reactor.getWriters(), [])
+
+    def test_targets(self) -> None:
+        """
+        IPv4 and IPv6 literals are dialled directly; another reactor goes
+        through an endpoint.
+        """
+        pool, peer = self.pool(self.port)
+        self.assertEqual(
+            pool._target(peer, None), (socket.AF_INET, ("127.0.0.1", self.port))
+        )
+        self.assertEqual(
+            pool._target(peer, 8080), (socket.AF_INET, ("127.0.0.1", 8080))
+        )
+        group = UpstreamGroup("six", (UpstreamServer(tcp(443, "::1")),), Balancer())
+        six = UpstreamPool(group, self.reactor, random.Random(3))
+        family, address = six._target(six.peers.primary[0], None)  # type: ignore[misc]
+        self.assertEqual((family, address[:2]), (socket.AF_INET6, ("::1", 443)))
+        memory, _ = threeServers()
+        self.assertIsNone(memory._target(memory.peers.primary[0], None))

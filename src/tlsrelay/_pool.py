@@ -94,7 +94,7 @@ from tlsrelay._config._model import (
 )
 from tlsrelay._log import Logger
 from tlsrelay._openssl import sessionReused
-from tlsrelay._tlsfactory import FastTLSProtocol, LeanSocketMixin
+from tlsrelay._tlsfactory import Deadlines, FastTLSProtocol, LeanSocketMixin
 
 log = Logger()
 
@@ -302,6 +302,8 @@ class UpstreamPool:
         ] = {}
         self._creators: dict[PeerState, IOpenSSLClientConnectionCreator | None] = {}
         self._targets: dict[tuple[PeerState, int | None], _Target | None] = {}
+        self._releasers: dict[PeerState, Callable[[bool], None]] = {}
+        self._deadlines: dict[float, Deadlines[_Dial]] = {}
 
     def resolveAll(self) -> Deferred[None]:
         """
@@ -410,6 +412,11 @@ class UpstreamPool:
         self._targets = {
             key: target for key, target in self._targets.items() if key[0] in current
         }
+        self._releasers = {
+            peer: releaser
+            for peer, releaser in self._releasers.items()
+            if peer in current
+        }
 
     def _creator(self, peer: PeerState) -> IOpenSSLClientConnectionCreator | None:
         if self._tlsFor is None:
@@ -447,9 +454,8 @@ class UpstreamPool:
             target = self._target(peer, port)
             if target is not None and creator is None:
                 # Plain TCP: the attempt keeps its own time.
-                return _Dial(reactor, target, factory, timeout).result.addCallback(  # type: ignore[arg-type]
-                    _plain
-                )
+                dial = _Dial(reactor, target, factory, self._dialDeadlines(timeout))  # type: ignore[arg-type]
+                return dial.result.addCallback(_plain)
             connect: Callable[[IProtocolFactory], Deferred[IProtocol]]
             if target is not None:
                 connect = partial(_dial, reactor, target)  # type: ignore[arg-type]
@@ -463,6 +469,21 @@ class UpstreamPool:
         except BaseException:
             return fail()
         return pending.addTimeout(timeout, reactor, _timedOut)
+
+    def _dialDeadlines(self, timeout: float) -> Deadlines[_Dial]:
+        deadlines = self._deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = self._deadlines[timeout] = Deadlines(
+                self._reactor, timeout, _Dial.timedOut
+            )
+        return deadlines
+
+    def _releaser(self, peer: PeerState) -> Callable[[bool], None]:
+        # One per peer, rather than one per connection.
+        releaser = self._releasers.get(peer)
+        if releaser is None:
+            releaser = self._releasers[peer] = partial(self._release, peer)
+        return releaser
 
     def _target(self, peer: PeerState, port: int | None) -> _Target | None:
         """
@@ -619,7 +640,7 @@ class _Connecting:
             addresses=self.addresses,
             connectTimes=self.connectTimes,
             state=peer,
-            onRelease=partial(self.pool._release, peer),
+            onRelease=self.pool._releaser(peer),
             sessionReused=reused,
         )
         self.result.callback(connection)
@@ -813,12 +834,13 @@ class _Dial:
     C{reactor.connectTCP} and its C{Connector}, without those layers, without
     their round trip through the reactor before C{connect(2)}, without the
     endpoint's protocol wrapper (which every byte would pass through), and with
-    one timer for C{timeout} rather than a connector's and a L{Deferred}'s.
+    its timeout in C{deadlines} rather than a connector's and a L{Deferred}'s
+    timers.
 
     Fires C{result} with the protocol C{factory} built, once it is connected;
     fails as the endpoint does: with the connect error, with
     L{error.ConnectingCancelledError} when cancelled, and with
-    L{error.TimeoutError} when C{timeout} passes first.
+    L{error.TimeoutError} when the timeout passes first.
     """
 
     def __init__(
@@ -826,14 +848,13 @@ class _Dial:
         reactor: PosixReactorBase,
         target: _Target,
         factory: IProtocolFactory,
-        timeout: float | None = None,
+        deadlines: Deadlines[_Dial] | None = None,
     ) -> None:
         self.factory = factory
         self.result: Deferred[IProtocol] = Deferred(self._cancel)
-        self._timeout = timeout
-        self._timer = (
-            None if timeout is None else reactor.callLater(timeout, self._timedOut)
-        )
+        self._deadlines = deadlines
+        if deadlines is not None:
+            deadlines.add(self)
         self.transport = _UpstreamClient(target, self, reactor)
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
@@ -849,19 +870,20 @@ class _Dial:
         if not self.result.called:
             self.result.errback(reason)
 
-    def connectionLost(self, reason: Failure) -> None:
-        pass
-
     def _stopTimer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._deadlines is not None:
+            self._deadlines.discard(self)
 
-    def _timedOut(self) -> None:
-        self._timer = None
+    def timedOut(self) -> None:
+        """
+        The timeout passed before the connection was made.
+        """
         if not self.result.called:
+            assert self._deadlines is not None
             self.result.errback(
-                error.TimeoutError(string=f"no connection within {self._timeout}s")
+                error.TimeoutError(
+                    string=f"no connection within {self._deadlines.delay}s"
+                )
             )
             self.transport.stopConnecting()  # type: ignore[no-untyped-call]
 
@@ -870,6 +892,17 @@ class _Dial:
         transport = self.transport
         result.errback(error.ConnectingCancelledError(transport.getPeer()))  # type: ignore[no-untyped-call]
         transport.stopConnecting()  # type: ignore[no-untyped-call]
+
+
+class _ConnectedConnector:
+    """
+    The connector of a L{_UpstreamClient} once connected: Twisted tells it
+    when the connection is lost, and nothing else needs to know.
+    """
+
+    @staticmethod
+    def connectionLost(reason: Failure) -> None:
+        pass
 
 
 class _UpstreamClient(LeanSocketMixin, tcp.Client):
@@ -922,4 +955,6 @@ class _UpstreamClient(LeanSocketMixin, tcp.Client):
         self._connectDone()  # type: ignore[no-untyped-call]
         protocol = self.protocol
         if self.connected and protocol is not None:
-            self.connector.connected(protocol)
+            # Let the attempt (and what it holds) go.
+            dial, self.connector = self.connector, _ConnectedConnector  # type: ignore[assignment]
+            dial.connected(protocol)

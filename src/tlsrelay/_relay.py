@@ -282,7 +282,7 @@ class _UpstreamProtocol(Protocol):
     def __init__(self, relay: RelayProtocol) -> None:
         self.relay = relay
         self.adopted = False
-        self.held: list[bytes] = []
+        self.held: list[bytes] | None = None
         self.heldSize = 0
         self.paused = False
         self.readClosed = False
@@ -312,9 +312,9 @@ class _UpstreamFactory(Factory[_UpstreamProtocol]):
         self.relay = relay
 
     def buildProtocol(self, addr: IAddress | None) -> _UpstreamProtocol:
-        protocol = _UpstreamProtocol(self.relay)
-        protocol.factory = self
-        return protocol
+        # No protocol.factory: nothing uses it, and it would keep this factory
+        # alive with every idle session.
+        return _UpstreamProtocol(self.relay)
 
 
 _ERR_LIB_SSL = 20
@@ -405,7 +405,7 @@ class RelayProtocol(Protocol):
         self._upstream: _UpstreamProtocol | None = None
         self._connection: UpstreamConnection | None = None
         self._connecting: Deferred[Any] | None = None
-        self._held: list[bytes] = []
+        self._held: list[bytes] | None = None
         self._rejected = False
         self._upstreamSlot = False
         self._handshakeDone = False
@@ -414,8 +414,14 @@ class RelayProtocol(Protocol):
         self._released = False
         self._lastActivity = 0.0
         self._timer: IDelayedCall | None = None
-        # The client as log lines name it (describePeer), once per session.
-        self._peer = "?"
+
+    @property
+    def _peer(self) -> str:
+        """
+        The client as log lines name it (made when a line needs it).
+        """
+        transport = self.transport
+        return "?" if transport is None else describePeer(transport.getPeer())
 
     # --- client events ------------------------------------------------------------
 
@@ -423,7 +429,6 @@ class RelayProtocol(Protocol):
         factory = self.relayFactory
         transport = cast(_Transport, self.transport)
         peer = transport.getPeer()
-        self._peer = describePeer(peer)
         if not factory.connections.acquire():
             self._rejected = True
             log.warn(
@@ -470,6 +475,8 @@ class RelayProtocol(Protocol):
         upstream = self._upstreamLeg
         if upstream is None:
             if self.relayFactory.returnTemplate is None:
+                if self._held is None:
+                    self._held = []
                 self._held.append(data)
             return
         if upstream.lost or upstream.writeClosed:
@@ -654,7 +661,7 @@ class RelayProtocol(Protocol):
         upstream = self._upstreamLeg = _Leg(
             "upstream", cast(_Transport, protocol.transport)
         )
-        held, protocol.held = protocol.held, []
+        held, protocol.held = protocol.held or (), None
         if protocol.lostReason is not None:
             for data in held:
                 self._toClient(data)
@@ -673,7 +680,7 @@ class RelayProtocol(Protocol):
             )
         upstream.registerProducer(client.transport)
         client.registerProducer(upstream.transport)
-        early, self._held = self._held, []
+        early, self._held = self._held or (), None
         for data in early:
             writeThrough(upstream.transport, data)
             assert session.upstreamBytesSent is not None
@@ -710,6 +717,8 @@ class RelayProtocol(Protocol):
         if not protocol.adopted:
             # Before the pool hands the connection over (it may still be checking
             # it): hold, and stop reading beyond one buffer.
+            if protocol.held is None:
+                protocol.held = []
             protocol.held.append(data)
             protocol.heldSize += len(data)
             if (

@@ -20,8 +20,9 @@ Everything else (shutdown, producers, errors) is Twisted's own code.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from errno import EWOULDBLOCK
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
@@ -415,16 +416,13 @@ class HandshakeTimeoutTLSProtocol(FastTLSProtocol):
 
     factory: TLSServerFactory
     timedOut = False
-    _handshakeTimer: IDelayedCall | None = None
 
     def makeConnection(self, transport: ITransport) -> None:
-        # Armed before the application sees the connection, so that a
-        # connectionLost during connectionMade finds the timer to cancel.
-        timeout = self.factory.handshakeTimeout
-        if timeout is not None:
-            self._handshakeTimer = self.factory.clock.callLater(
-                timeout, self._handshakeTimedOut
-            )
+        # Timed before the application sees the connection, so that a
+        # connectionLost during connectionMade finds the timeout to cancel.
+        deadlines = self.factory.handshakeDeadlines
+        if deadlines is not None:
+            deadlines.add(self)
         super().makeConnection(transport)
 
     def _handshakeFinished(self) -> None:
@@ -436,7 +434,6 @@ class HandshakeTimeoutTLSProtocol(FastTLSProtocol):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _handshakeTimedOut(self) -> None:
-        self._handshakeTimer = None
         self.timedOut = True
         assert self.transport is not None
         log.info(
@@ -447,9 +444,9 @@ class HandshakeTimeoutTLSProtocol(FastTLSProtocol):
         self.abortConnection()  # type: ignore[no-untyped-call]
 
     def _cancelHandshakeTimer(self) -> None:
-        timer, self._handshakeTimer = self._handshakeTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        deadlines = self.factory.handshakeDeadlines
+        if deadlines is not None:
+            deadlines.discard(self)
 
 
 class TLSServerFactory(TLSMemoryBIOFactory):
@@ -460,6 +457,8 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         (nginx's C{ssl_handshake_timeout}, 60 by default there), or L{None} for
         no limit.
     @ivar clock: the clock for the handshake timers.
+    @ivar handshakeDeadlines: the connections still handshaking, timed
+        together (L{None} without a timeout).
     """
 
     protocol = HandshakeTimeoutTLSProtocol
@@ -487,9 +486,90 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         super().__init__(contextFactory, False, wrappedFactory, clock)
         self.handshakeTimeout = handshakeTimeout
         self.clock = clock
+        self.handshakeDeadlines: Deadlines[HandshakeTimeoutTLSProtocol] | None = (
+            None
+            if handshakeTimeout is None
+            else Deadlines(clock, handshakeTimeout, _timedOut)
+        )
 
     def __repr__(self) -> str:
         return (
             f"<TLSServerFactory around {self.wrappedFactory!r}, "
             f"handshakeTimeout={self.handshakeTimeout!r}>"
         )
+
+
+def _timedOut(protocol: HandshakeTimeoutTLSProtocol) -> None:
+    protocol._handshakeTimedOut()
+
+
+_T = TypeVar("_T")
+
+_EARLY = 1e-6
+"""
+Seconds by which a deadline may be met early: a reactor's clock (seconds since
+the epoch, a float) cannot always express a smaller delay than this.
+"""
+
+
+class Deadlines(Generic[_T]):
+    """
+    Many timeouts of the same length on one reactor call.
+
+    What a C{callLater(delay, expired, item)} for each item would do
+    (C{expired(item)} once C{delay} has passed since it was added, unless it
+    was discarded first), without a L{DelayedCall} for each: creating,
+    scheduling and cancelling one costs more than the dictionary entry kept
+    here, and Twisted keeps cancelled ones in its heap for a while, which an
+    idle connection would pay for in memory.
+
+    Items expire in the order they were added, which is the order of their
+    deadlines while the clock does not go back.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, delay: float, expired: Callable[[_T], object]
+    ) -> None:
+        self._clock = clock
+        self.delay = delay
+        self._expired = expired
+        self._deadlines: dict[_T, float] = {}
+        self._call: IDelayedCall | None = None
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def add(self, item: _T) -> None:
+        """
+        Start C{item}'s timeout (again, if it was running).
+        """
+        self._deadlines.pop(item, None)
+        self._deadlines[item] = self._clock.seconds() + self.delay
+        if self._call is None:
+            self._call = self._clock.callLater(self.delay, self._run)
+
+    def discard(self, item: _T) -> None:
+        """
+        Stop C{item}'s timeout, if it is running.
+        """
+        deadlines = self._deadlines
+        if deadlines.pop(item, None) is not None and not deadlines:
+            call, self._call = self._call, None
+            if call is not None and call.active():
+                call.cancel()
+
+    def _run(self) -> None:
+        self._call = None
+        deadlines = self._deadlines
+        now = self._clock.seconds()
+        while deadlines:
+            item = next(iter(deadlines))
+            deadline = deadlines[item]
+            if deadline > now + _EARLY:
+                self._call = self._clock.callLater(deadline - now, self._run)
+                return
+            del deadlines[item]
+            try:
+                self._expired(item)
+            except Exception:
+                log.failure("timeout of {item!r}", item=item)

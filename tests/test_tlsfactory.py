@@ -1,0 +1,418 @@
+"""
+Tests for the fast paths of L{tlsrelay._tlsfactory}: L{FastTLSProtocol},
+L{writeThrough}, L{Deadlines}, and the lean socket transports (L{RelayPort},
+L{RelayServer}, L{LeanSocketMixin}).  L{TLSServerFactory}'s handshake timeout
+is tested with the endpoints, in C{tests.test_endpoints}.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests._realreactor import RealReactor, listeningSocket
+from tests.test_endpoints import (
+    CLIENT_ADDRESS,
+    SERVER_ADDRESS,
+    clientCreator,
+    connectTLS,
+    makeCertificates,
+)
+from tlsrelay._config._model import CertificatePair, ServerTLS
+from tlsrelay._tls import ServerContextFactory, buildServerContext
+from tlsrelay._tlsfactory import (
+    Deadlines,
+    RelayPort,
+    RelayServer,
+    TLSServerFactory,
+    adoptStreamPort,
+    writeThrough,
+)
+
+
+class Chunks(Protocol):
+    """
+    Keeps every chunk it receives, and what ended the connection.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost: Failure | None = None
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
+
+
+class ChunksFactory(Factory):
+    def __init__(self) -> None:
+        self.built: list[Chunks] = []
+
+    def buildProtocol(self, addr: Any) -> Chunks:
+        protocol = Chunks()
+        protocol.factory = self
+        self.built.append(protocol)
+        return protocol
+
+
+class DeadlinesTests(SynchronousTestCase):
+    """
+    L{Deadlines} times many items with one reactor call, as a C{callLater} each
+    would.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.expired: list[str] = []
+        self.deadlines: Deadlines[str] = Deadlines(
+            self.clock, 10.0, self.expired.append
+        )
+
+    def test_inOrderOnTime(self) -> None:
+        """
+        Each item expires when its own delay has passed, with one call
+        scheduled at a time.
+        """
+        self.deadlines.add("a")
+        self.clock.advance(3)
+        self.deadlines.add("b")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.deadlines), 2)
+        self.clock.advance(6.75)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(0.25)
+        self.assertEqual(self.expired, ["a"])
+        self.clock.advance(2.75)
+        self.assertEqual(self.expired, ["a"])
+        self.clock.advance(0.25)
+        self.assertEqual(self.expired, ["a", "b"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_discard(self) -> None:
+        """
+        A discarded item does not expire; discarding the last one leaves no
+        call scheduled.
+        """
+        self.deadlines.add("a")
+        self.deadlines.add("b")
+        self.deadlines.discard("a")
+        self.deadlines.discard("unknown")
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["b"])
+        self.deadlines.add("c")
+        self.deadlines.discard("c")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual(self.expired, ["b"])
+
+    def test_addAgain(self) -> None:
+        """
+        Adding an item again starts its delay again.
+        """
+        self.deadlines.add("a")
+        self.clock.advance(5)
+        self.deadlines.add("a")
+        self.clock.advance(5)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(5)
+        self.assertEqual(self.expired, ["a"])
+
+    def test_failingCallback(self) -> None:
+        """
+        An exception from the callback is logged; the other items still
+        expire.
+        """
+
+        def expired(item: str) -> None:
+            if item == "a":
+                raise RuntimeError("bug")
+            self.expired.append(item)
+
+        deadlines: Deadlines[str] = Deadlines(self.clock, 1.0, expired)
+        deadlines.add("a")
+        deadlines.add("b")
+        with capturedLogs() as events:
+            self.clock.advance(1)
+        self.assertEqual(self.expired, ["b"])
+        [failure] = [e["log_failure"] for e in events if "log_failure" in e]
+        self.assertTrue(failure.check(RuntimeError))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class FastTLSProtocolTests(SynchronousTestCase):
+    """
+    L{FastTLSProtocol}, under L{TLSServerFactory}, moves application data the
+    way Twisted's TLS layer does, with fewer calls.
+    """
+
+    def setUp(self) -> None:
+        self.directory, self.files, self.clientFiles = makeCertificates(self)
+        self.clock = Clock()
+        self.app = ChunksFactory()
+        context = buildServerContext(
+            ServerTLS(
+                certificates=(CertificatePair(self.files.certificate, self.files.key),)
+            )
+        )
+        self.factory = TLSServerFactory(
+            ServerContextFactory(context), self.app, 30.0, self.clock
+        )
+
+    def connect(self) -> tuple[Any, Any, Any, Any]:
+        server, client, clientApp, pump = connectTLS(
+            self.factory, clientCreator(self.files), self.clock
+        )
+        return server, client, clientApp, pump
+
+    def test_largeWrite(self) -> None:
+        """
+        A write larger than a TLS record (and than the scratch buffers) reaches
+        the peer whole and in order.
+        """
+        server, _client, clientApp, pump = self.connect()
+        data = bytes(range(256)) * 4096  # 1 MiB
+        server.write(data)
+        pump.flush()
+        self.assertEqual(clientApp.received, data)
+
+    def test_recordsGathered(self) -> None:
+        """
+        Several records that arrive together are delivered in fewer, larger
+        chunks, in order.
+        """
+        _server, client, _clientApp, pump = self.connect()
+        [app] = self.app.built
+        pieces = [bytes([n]) * 10_000 for n in range(6)]
+        for piece in pieces:
+            client.write(piece)
+        pump.flush()
+        self.assertEqual(app.received, b"".join(pieces))
+        self.assertLess(len(app.chunks), len(pieces))
+
+    def test_buffersRenewed(self) -> None:
+        """
+        Once the handshake is done, the connection has new, empty memory BIOs
+        (the handshake's grown buffers are freed), and data still flows.
+        """
+        server = self.factory.buildProtocol(SERVER_ADDRESS)
+        transport = StringTransport(SERVER_ADDRESS, CLIENT_ADDRESS)
+        server.makeConnection(transport)
+        tls = server.getHandle()
+        before = (tls._into_ssl, tls._from_ssl)
+        client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        client.set_connect_state()
+        for _ in range(4):
+            try:
+                client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                server.dataReceived(client.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+            if transport.value():
+                client.bio_write(transport.value())
+                transport.clear()
+        self.assertTrue(server._handshakeDone)
+        self.assertNotEqual(before, (tls._into_ssl, tls._from_ssl))
+        client.send(b"after")
+        server.dataReceived(client.bio_read(65536))
+        self.assertEqual(self.app.built[0].received, b"after")
+
+    def test_writeBeforeHandshake(self) -> None:
+        """
+        What the application writes before the handshake is done is sent once
+        it is.
+        """
+
+        class Greeter(Chunks):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                self.transport.write(b"hello")
+
+        self.app.buildProtocol = lambda addr: Greeter()  # type: ignore[method-assign]
+        _server, _client, clientApp, pump = self.connect()
+        pump.flush()
+        self.assertEqual(clientApp.received, b"hello")
+
+    def test_closeNotify(self) -> None:
+        """
+        The application's loseConnection ends TLS cleanly: the peer sees
+        close_notify, then the connection closed cleanly on both sides.
+        """
+        server, _client, clientApp, pump = self.connect()
+        server.write(b"bye")
+        server.loseConnection()
+        pump.flush()
+        self.assertEqual(clientApp.received, b"bye")
+        [app] = self.app.built
+        assert clientApp.lost is not None and app.lost is not None
+        self.assertTrue(clientApp.lost.check(ConnectionDone))
+        self.assertTrue(app.lost.check(ConnectionDone))
+
+    def test_badRecord(self) -> None:
+        """
+        A record that does not decrypt ends the connection with the TLS error,
+        as Twisted's TLS layer does.
+        """
+        server, _client, _clientApp, pump = self.connect()
+        [app] = self.app.built
+        server.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+        pump.flush()
+        assert app.lost is not None
+        self.assertTrue(app.lost.check(SSL.Error))
+
+
+class WriteThroughTests(SynchronousTestCase):
+    """
+    L{writeThrough} sends at once on an idle socket transport, and otherwise
+    writes as the transport's C{write} does.
+    """
+
+    def setUp(self) -> None:
+        self.real = RealReactor(self)
+        self.app = ChunksFactory()
+        listener = listeningSocket()
+        self.port = adoptStreamPort(
+            self.real.reactor, listener.fileno(), socket.AF_INET, self.app
+        )
+        address = listener.getsockname()
+        listener.close()
+        self.addCleanup(self.real.stopListening, self.port)
+        self.client = socket.create_connection(address, timeout=5)
+        self.addCleanup(self.client.close)
+        self.real.spin(lambda: self.app.built and self.app.built[0].transport)
+        self.transport: Any = self.app.built[0].transport
+
+    def receive(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            self.real.reactor.iterate(0)
+            chunk = self.client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def test_notASocket(self) -> None:
+        """
+        Any other transport gets the data through C{write}, as bytes.
+        """
+        transport = StringTransport()
+        writeThrough(transport, memoryview(b"abc"))
+        writeThrough(transport, b"def")
+        self.assertEqual(transport.value(), b"abcdef")
+
+    def test_sentAtOnce(self) -> None:
+        """
+        With nothing queued, the data is sent before the call returns: nothing
+        is left for the reactor to write.
+        """
+        writeThrough(self.transport, b"x" * 1000)
+        self.assertEqual(self.transport._tempDataLen, 0)
+        self.assertNotIn(self.transport, self.real.reactor.getWriters())
+        self.assertEqual(self.receive(1000), b"x" * 1000)
+
+    def test_behindQueued(self) -> None:
+        """
+        Data already queued goes first.
+        """
+        self.transport.write(b"first ")
+        writeThrough(self.transport, b"second")
+        self.assertEqual(self.receive(12), b"first second")
+
+
+class LeanSocketTests(SynchronousTestCase):
+    """
+    L{adoptStreamPort} gives TCP listeners L{RelayPort}s, whose connections are
+    L{RelayServer}s: they read more at once, and close without waiting for a
+    writable event when nothing is left to write.
+    """
+
+    def setUp(self) -> None:
+        self.real = RealReactor(self)
+        self.app = ChunksFactory()
+        listener = listeningSocket()
+        self.port = adoptStreamPort(
+            self.real.reactor, listener.fileno(), socket.AF_INET, self.app
+        )
+        self.address = listener.getsockname()
+        listener.close()
+        self.addCleanup(self.real.stopListening, self.port)
+
+    def connect(self) -> tuple[socket.socket, Chunks]:
+        client = socket.create_connection(self.address, timeout=5)
+        self.addCleanup(client.close)
+        count = len(self.app.built)
+        self.real.spin(lambda: len(self.app.built) > count)
+        return client, self.app.built[-1]
+
+    def test_port(self) -> None:
+        """
+        The port is a L{RelayPort}; its connections are L{RelayServer}s that
+        read up to C{readSize} at once, and deliver everything.
+        """
+        self.assertIsInstance(self.port, RelayPort)
+        client, app = self.connect()
+        transport: Any = app.transport
+        self.assertIsInstance(transport, RelayServer)
+        self.assertGreater(RelayServer.readSize, transport.bufferSize)
+        data = bytes(range(256)) * 1024
+        client.sendall(data)
+        self.real.spin(lambda: len(app.received) == len(data))
+        self.assertEqual(app.received, data)
+
+    def test_quickClose(self) -> None:
+        """
+        With nothing to write, loseConnection stops reading and writing at
+        once, and the connection is lost (cleanly) on the next turn of the
+        reactor.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        transport.loseConnection()
+        self.assertNotIn(transport, self.real.reactor.getWriters())
+        self.assertNotIn(transport, self.real.reactor.getReaders())
+        self.assertIsNone(app.lost)
+        self.real.spin(lambda: app.lost is not None)
+        assert app.lost is not None
+        self.assertTrue(app.lost.check(ConnectionDone))
+        self.assertEqual(client.recv(10), b"")
+
+    def test_closeAfterWriting(self) -> None:
+        """
+        With data queued, loseConnection writes it first, as Twisted does.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        transport.write(b"last words")
+        transport.loseConnection()
+        self.assertIn(transport, self.real.reactor.getWriters())
+        self.real.spin(lambda: app.lost is not None)
+        data = b""
+        while chunk := client.recv(100):
+            data += chunk
+        self.assertEqual(data, b"last words")
+
+    def test_otherReactors(self) -> None:
+        """
+        A reactor that is not a POSIX one adopts the port itself.
+        """
+        reactor = MemoryReactor()
+        adoptStreamPort(reactor, 7, socket.AF_INET, self.app)
+        self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, self.app)])
