@@ -1,11 +1,12 @@
 """
-TLS around any server protocol factory, with nginx's C{ssl_handshake_timeout}.
+TLS around any server protocol factory, with nginx's C{ssl_handshake_timeout},
+and the socket transports under it.
 
-L{TLSServerFactory} is Twisted's L{TLSMemoryBIOFactory} (server side) plus one
-timer per connection on an injected clock: a client that has not finished its
-handshake in time is aborted, so idle or half-open clients cannot hold
-connections forever.  Bytes that are not TLS make the TLS layer close that one
-connection; the factory keeps serving.
+L{TLSServerFactory} is Twisted's L{TLSMemoryBIOFactory} (server side) plus a
+handshake timeout per connection on an injected clock (all of them timed by one
+L{Deadlines}): a client that has not finished its handshake in time is aborted,
+so idle or half-open clients cannot hold connections forever.  Bytes that are
+not TLS make the TLS layer close that one connection; the factory keeps serving.
 
 Its protocol, L{FastTLSProtocol}, is Twisted's L{TLSMemoryBIOProtocol} with the
 per-connection and per-byte paths made cheaper (docs/performance.md measures
@@ -13,8 +14,14 @@ each): encrypted bytes are sent on the socket at once when nothing is queued
 (L{writeThrough}) instead of waiting for the reactor's next writable event;
 records are written, read and flushed with pyOpenSSL's own C{lib} calls through
 one scratch buffer, with no exception per empty read; no per-write timer for
-Twisted's small-write aggregation (the relay writes what one read gave, once).
-Everything else (shutdown, producers, errors) is Twisted's own code.
+Twisted's small-write aggregation (the relay writes what one read gave, once);
+fresh memory BIOs once the handshake is done.  Everything else (shutdown,
+producers, errors) is Twisted's own code.
+
+Under it, on a POSIX reactor, L{adoptStreamPort} gives listening sockets a
+L{RelayPort}, whose connections (L{RelayServer}) read more per call and close
+without a round trip through the poller (L{LeanSocketMixin}); the pool's
+upstream connections use the same mixin.
 """
 
 from __future__ import annotations
