@@ -394,6 +394,23 @@ class LeanSocketTests(SynchronousTestCase):
         self.assertTrue(app.lost.check(ConnectionDone))
         self.assertEqual(client.recv(10), b"")
 
+    def test_closeWithUnreadData(self) -> None:
+        """
+        A connection closed with data it never read still ends with the end
+        of the stream first (not only a reset), so that the peer reads what
+        was sent to it.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        transport.pauseProducing()
+        client.sendall(b"never read")
+        transport.write(b"answer")
+        self.real.spin(lambda: not transport._tempDataLen and not transport.dataBuffer)
+        transport.loseConnection()
+        self.real.spin(lambda: app.lost is not None)
+        self.assertEqual(client.recv(100), b"answer")
+        self.assertEqual(client.recv(100), b"")
+
     def test_closeAfterWriting(self) -> None:
         """
         With data queued, loseConnection writes it first, as Twisted does.

@@ -125,9 +125,10 @@ class LeanSocketMixin:
 
     readSize = 2**18
 
-    # close(2) alone ends the connection as well (the descriptor is not shared:
-    # close-on-exec); Twisted's shutdown(2) before it is one more system call.
-    _shouldShutdown = False
+    # Twisted's shutdown(2) before close(2) stays: with unread data in the
+    # socket, close(2) alone sends a reset instead of the end of the stream,
+    # and a client (say, one refused with 502 before its request was read)
+    # may lose what was sent to it.
 
     def doRead(self) -> Any:
         try:
