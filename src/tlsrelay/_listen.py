@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorSocket
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import KeepAlive, Listen
 from tlsrelay._log import Logger
+from tlsrelay._tlsfactory import adoptStreamPort
 
 log = Logger()
 
@@ -114,8 +115,8 @@ class BoundListener:
         Start accepting connections for C{factory}.  The reactor dups the descriptor,
         so our copy is closed.
         """
-        self.port = reactor.adoptStreamPort(
-            self.socket.fileno(), _family(self.listen), factory
+        self.port = adoptStreamPort(
+            reactor, self.socket.fileno(), _family(self.listen), factory
         )
         self.socket.close()
         log.info(
