@@ -7,17 +7,21 @@ is tested with the endpoints, in C{tests.test_endpoints}.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from tests._realreactor import RealReactor, listeningSocket
 from tests.test_endpoints import (
@@ -425,6 +429,119 @@ class LeanSocketTests(SynchronousTestCase):
         while chunk := client.recv(100):
             data += chunk
         self.assertEqual(data, b"last words")
+
+    def test_acceptSeveral(self) -> None:
+        """
+        One readable event accepts every waiting connection: each protocol is
+        built for its client's address, which its transport's C{getPeer}
+        returns (the same object each time), with a log prefix naming the
+        protocol.
+        """
+        clients = [socket.create_connection(self.address, timeout=5) for _ in range(3)]
+        for client in clients:
+            self.addCleanup(client.close)
+        self.real.spin(lambda: len(self.app.built) == 3)
+        self.assertEqual(
+            sorted(
+                (p.transport.getPeer().host, p.transport.getPeer().port)  # type: ignore[union-attr]
+                for p in self.app.built
+            ),
+            sorted(c.getsockname() for c in clients),
+        )
+        transport: Any = self.app.built[0].transport
+        self.assertIs(transport.getPeer(), transport.getPeer())
+        self.assertIn("Chunks", transport.logPrefix())
+        self.assertNotEqual(
+            self.app.built[0].transport.logPrefix(),  # type: ignore[union-attr]
+            self.app.built[1].transport.logPrefix(),  # type: ignore[union-attr]
+        )
+
+    def test_refusedByFactory(self) -> None:
+        """
+        A connection the factory builds no protocol for is closed, and the
+        port goes on accepting.
+        """
+        refuse = [True]
+        build = self.app.buildProtocol
+
+        def buildProtocol(addr: Any) -> Chunks | None:
+            if refuse.pop() if refuse else False:
+                return None
+            return build(addr)
+
+        self.app.buildProtocol = buildProtocol  # type: ignore[method-assign,assignment]
+        first = socket.create_connection(self.address, timeout=5)
+        self.addCleanup(first.close)
+        self.real.spin(lambda: not refuse)
+        self.assertEqual(first.recv(10), b"")
+        _, app = self.connect()
+        self.assertIsInstance(app.transport, RelayServer)
+
+    def test_acceptErrorLeftToTwisted(self) -> None:
+        """
+        An accept error other than "nothing waiting" (here C{EMFILE}) is
+        handled by Twisted's accept loop, which knows how to recover.
+        """
+        calls: list[object] = []
+        self.patch(tcp.Port, "doRead", lambda port: calls.append(port))
+        listener: Any = self.port.socket  # type: ignore[attr-defined]
+
+        class Exhausted:
+            def _accept(self) -> Any:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(listener, name)
+
+        self.port.socket = Exhausted()  # type: ignore[attr-defined]
+        self.addCleanup(setattr, self.port, "socket", listener)
+        self.port.doRead()  # type: ignore[attr-defined]
+        self.assertEqual(calls, [self.port])
+
+    def test_closesShareOneTimedCall(self) -> None:
+        """
+        Connections closed in the same turn of the reactor share one timed
+        call, and each is lost on the next turn.
+        """
+        first = self.connect()[1]
+        second = self.connect()[1]
+        before = len(self.real.reactor.getDelayedCalls())
+        first.transport.loseConnection()  # type: ignore[union-attr]
+        second.transport.loseConnection()  # type: ignore[union-attr]
+        self.assertEqual(len(self.real.reactor.getDelayedCalls()), before + 1)
+        self.assertIsNone(first.lost)
+        self.real.spin(lambda: first.lost is not None and second.lost is not None)
+
+    def test_halfClose(self) -> None:
+        """
+        A protocol that provides C{IHalfCloseableProtocol} is told that its
+        peer stopped sending, and the connection stays open for writing; a
+        protocol that raises there loses the connection.
+        """
+
+        @implementer(IHalfCloseableProtocol)
+        class Half(Chunks):
+            readClosed = 0
+
+            def readConnectionLost(self) -> None:
+                self.readClosed += 1
+                if self.readClosed > 1:
+                    raise RuntimeError("once is enough")
+
+            def writeConnectionLost(self) -> None:
+                pass
+
+        half = Half()
+        transport: Any = self.connect()[1].transport
+        transport.protocol = half
+        half.makeConnection(transport)
+        transport.readConnectionLost(Failure(ConnectionDone()))
+        self.assertEqual(half.readClosed, 1)
+        self.assertIsNone(half.lost)
+        transport.readConnectionLost(Failure(ConnectionDone()))
+        assert half.lost is not None
+        self.assertTrue(half.lost.check(RuntimeError))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_otherReactors(self) -> None:
         """

@@ -33,10 +33,13 @@ from typing import Any, Generic, TypeVar
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
 from twisted.internet import main, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
@@ -163,7 +166,7 @@ class LeanSocketMixin:
             this.stopReading()
             this.stopWriting()
             this.disconnecting = True
-            this.reactor.callLater(0, self._closed, _CONNECTION_DONE)
+            _closeSoon(this.reactor, self)
             return
         super().loseConnection()  # type: ignore[misc]
 
@@ -172,19 +175,140 @@ class LeanSocketMixin:
         if not this.disconnected:
             this.connectionLost(reason)
 
+    def readConnectionLost(self, reason: Failure) -> None:
+        # What tcp.Connection.readConnectionLost does, asking the protocol
+        # whether it provides IHalfCloseableProtocol rather than adapting it
+        # (no adapter is registered for that interface).
+        this: Any = self
+        protocol = this.protocol
+        if not IHalfCloseableProtocol.providedBy(protocol):
+            this.connectionLost(reason)
+            return
+        try:
+            protocol.readConnectionLost()
+        except BaseException:
+            log.failure("readConnectionLost of {protocol!r}", protocol=protocol)
+            this.connectionLost(Failure())
+
+
+# reactor -> the transports it closes on its next turn (see _closeSoon).
+_closing: dict[Any, list[LeanSocketMixin]] = {}
+
+
+def _closeSoon(reactor: Any, transport: LeanSocketMixin) -> None:
+    """
+    Call C{transport._closed} on C{reactor}'s next turn, as a
+    C{callLater(0, ...)} of its own would, with one timed call for all the
+    transports closed in the same turn.
+    """
+    pending = _closing.get(reactor)
+    if pending is None:
+        pending = _closing[reactor] = []
+        reactor.callLater(0, _closePending, reactor)
+    pending.append(transport)
+
+
+def _closePending(reactor: Any) -> None:
+    for transport in _closing.pop(reactor, ()):
+        try:
+            transport._closed(_CONNECTION_DONE)
+        except Exception:
+            log.failure("closing {transport!r}", transport=transport)
+
 
 class RelayServer(LeanSocketMixin, tcp.Server):
     """
     The transport of an accepted TCP connection, with L{LeanSocketMixin}.
+
+    Its peer's address is the one its port built for the protocol factory
+    (Twisted's builds a new one for each C{getPeer}), and its log prefix is
+    worked out once per kind of protocol on its port.
     """
+
+    _peer: IPv4Address | IPv6Address | None = None
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()  # type: ignore[no-untyped-call]
+        return peer
+
+    def _getLogPrefix(self, applicationObject: object) -> str:
+        prefixes = getattr(self.server, "_logPrefixes", None)
+        if prefixes is None:
+            return super()._getLogPrefix(applicationObject)  # type: ignore[no-any-return]
+        kind = type(applicationObject)
+        prefix = prefixes.get(kind)
+        if prefix is None:
+            prefix = super()._getLogPrefix(applicationObject)
+            if len(prefixes) < 16:
+                prefixes[kind] = prefix
+        return prefix  # type: ignore[no-any-return]
 
 
 class RelayPort(tcp.Port):
     """
-    A TCP listening port whose connections are L{RelayServer}s.
+    A TCP listening port whose connections are L{RelayServer}s, accepted by a
+    leaner loop than Twisted's.
     """
 
     transport = RelayServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logPrefixes: dict[type, str] = {}
+
+    def doRead(self) -> None:
+        """
+        Accept what is waiting, as C{tcp.Port.doRead} does, with the socket
+        module's C accept and socket objects (not its Python wrappers, whose
+        conversions of the address family and type cost more than the
+        transport uses), and without buffering log events per call.  An
+        accept error other than "nothing more waiting" (C{EMFILE},
+        C{ENOBUFS}, ...) is left to Twisted's loop, which recovers from it.
+        """
+        this: Any = self
+        try:
+            accept = this.socket._accept
+            family = self.addressFamily
+            factory = this.factory
+            reactor = self.reactor
+            limit = self.numberAccepts
+            accepted = 0
+            while accepted < limit:
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.numberAccepts = max(1, limit - accepted)
+                    tcp.Port.doRead(self)
+                    return
+                accepted += 1
+                skt = socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
+                if len(addr) == 4:
+                    # IPv6: with the scope ID, as Twisted gives it.
+                    host = socket.getnameinfo(
+                        addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+                    )
+                    addr = (host[0], *addr[1:])
+                peer = this._buildAddr(addr)
+                protocol = factory.buildProtocol(peer)
+                if protocol is None:
+                    skt.close()
+                    continue
+                session = self.sessionno
+                self.sessionno = session + 1
+                transport = RelayServer(skt, protocol, addr, self, session, reactor)  # type: ignore[arg-type]
+                transport._peer = peer
+                protocol.makeConnection(transport)
+            # Twisted's scaling of the accepts per call.
+            if accepted == limit:
+                self.numberAccepts = limit + 20
+            else:
+                self.numberAccepts = max(1, accepted)
+        except BaseException:
+            log.failure("accepting connections on {port!r}", port=self)
 
 
 def adoptStreamPort(
@@ -247,7 +371,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
         if not getattr(factory, "serverSide", False):
-            self._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+            self._checkHandshakeStatus()
 
     def dataReceived(self, data: bytes) -> None:
         connection = self._tlsConnection
@@ -261,13 +385,47 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                 self._unbufferPendingWrites()  # type: ignore[no-untyped-call]
             self._flushReceiveBIO()
             return
-        self._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        self._checkHandshakeStatus()
         if not self._handshakeDone:
             return
         if self._appSendBuffer:
             self._unbufferPendingWrites()  # type: ignore[no-untyped-call]
         self._flushReceiveBIO()
         self._handshakeFinished()
+
+    def _checkHandshakeStatus(self) -> None:
+        # Twisted's, with SSL_do_handshake called directly: no exception for
+        # the "want more bytes" that all but the last step of a handshake end
+        # with.  Anything else goes through pyOpenSSL's error handling; a
+        # connection class with a do_handshake of its own keeps it.
+        connection = self._tlsConnection
+        if type(connection) is not Connection:
+            TLSMemoryBIOProtocol._checkHandshakeStatus(self)  # type: ignore[no-untyped-call]
+            return
+        if self._aborted:
+            return
+        ssl = connection._ssl
+        result = _lib.SSL_do_handshake(ssl)
+        if result <= 0 or not _quiet(connection):
+            if (
+                result <= 0
+                and _lib.SSL_get_error(ssl, result) == _WANT_READ
+                and _quiet(connection)
+            ):
+                self._flushSendBIO()
+                return
+            try:
+                connection._raise_ssl_error(ssl, result)
+            except WantReadError:
+                self._flushSendBIO()
+                return
+            except Error:
+                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+                return
+        self._handshakeDone = True
+        wrapped = self.wrappedProtocol
+        if IHandshakeListener.providedBy(wrapped):
+            wrapped.handshakeCompleted()
 
     def _handshakeFinished(self) -> None:
         """
