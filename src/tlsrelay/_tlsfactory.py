@@ -78,6 +78,7 @@ _received = _ffi.new("char[]", _SCRATCH)
 _outgoing = _ffi.new("char[]", _SCRATCH)
 _outgoingView = memoryview(_ffi.buffer(_outgoing))  # type: ignore[arg-type]
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
+_WANTS_READ, _FAILED, _DONE = object(), object(), object()
 
 
 def writeThrough(transport: Any, data: Any) -> None:
@@ -414,13 +415,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             ):
                 self._flushSendBIO()
                 return
-            try:
-                connection._raise_ssl_error(ssl, result)
-            except WantReadError:
-                self._flushSendBIO()
-                return
-            except Error:
-                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+            if self._sslOutcome(connection, ssl, result) is not _DONE:
                 return
         self._handshakeDone = True
         wrapped = self.wrappedProtocol
@@ -519,15 +514,27 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             return
         # What Twisted's _write does when pyOpenSSL's send raises.
+        outcome = self._sslOutcome(connection, ssl, result)
+        if outcome is _WANTS_READ:
+            self._bufferedWrite(data[sent:])  # type: ignore[no-untyped-call]
+        elif outcome is _DONE:
+            self._flushSendBIO()
+
+    def _sslOutcome(self, connection: Any, ssl: Any, result: int) -> object:
+        """
+        What pyOpenSSL makes of C{result}, handled as Twisted's TLS layer
+        handles it: L{_WANTS_READ} (what OpenSSL wrote is sent),
+        L{_FAILED} (the connection is closed with the error), or L{_DONE}.
+        """
         try:
             connection._raise_ssl_error(ssl, result)
         except WantReadError:
             self._flushSendBIO()
-            self._bufferedWrite(data[sent:])  # type: ignore[no-untyped-call]
+            return _WANTS_READ
         except Error:
             self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
-        else:
-            self._flushSendBIO()
+            return _FAILED
+        return _DONE
 
 
 def _renewBIOs(connection: Any) -> None:
