@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     from tlsrelay._config._errors import ConfigError
     from tlsrelay._config._load import loadConfig
     from tlsrelay._listen import BoundListener
-    from tlsrelay._log import dispatchWithoutLogContext
+    from tlsrelay._reactor import tuneReactor
     from tlsrelay._relay import WorkerConnections
     from tlsrelay._service import RelayService, build, listenKey
     from tlsrelay._sessions import SessionSharing
     from tlsrelay.tap import setLogLevel
 
-    dispatchWithoutLogContext(reactor)
+    tuneReactor(reactor)
     # A terminal hang-up reaches the whole process group: the master reloads,
     # workers carry on.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -1,0 +1,112 @@
+"""
+What the relay changes in Twisted's epoll reactor, and only there: the same
+behaviour for fewer Python calls per connection (docs/performance.md).
+
+L{tuneReactor} installs both changes: the dispatch without a legacy log
+context per event (L{tlsrelay._log.dispatchWithoutLogContext}) and
+L{leanRegistration}.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from select import EPOLLIN, EPOLLOUT
+from types import MethodType
+from typing import Any
+
+from tlsrelay._log import dispatchWithoutLogContext
+
+
+def tuneReactor(reactor: Any) -> bool:
+    """
+    Install L{dispatchWithoutLogContext} and L{leanRegistration} on
+    C{reactor} if it is Twisted's epoll reactor.
+
+    @return: whether they were installed.
+    """
+    return dispatchWithoutLogContext(reactor) and leanRegistration(reactor)
+
+
+def leanRegistration(reactor: Any) -> bool:
+    """
+    Give C{reactor}, if it is Twisted's epoll reactor, C{addReader},
+    C{addWriter}, C{removeReader} and C{removeWriter} that do what its own do
+    in one Python call instead of two or three: a transport starts and stops
+    reading or writing several times per connection.
+
+    @return: whether the methods were replaced.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+
+    if not isinstance(reactor, EPollReactor):
+        return False
+    reactor.addReader = MethodType(_adder(True), reactor)  # type: ignore[method-assign]
+    reactor.addWriter = MethodType(_adder(False), reactor)  # type: ignore[method-assign]
+    reactor.removeReader = MethodType(_remover(True), reactor)  # type: ignore[method-assign]
+    reactor.removeWriter = MethodType(_remover(False), reactor)  # type: ignore[method-assign]
+    return True
+
+
+def _adder(read: bool) -> Callable[[Any, Any], None]:
+    # EPollReactor.addReader (or addWriter) with its _add inlined.
+    event, antievent = (EPOLLIN, EPOLLOUT) if read else (EPOLLOUT, EPOLLIN)
+
+    def add(self: Any, xer: Any) -> None:
+        fd = xer.fileno()
+        primary, other = (
+            (self._reads, self._writes) if read else (self._writes, self._reads)
+        )
+        if fd in primary:
+            return
+        try:
+            if fd in other:
+                self._poller.modify(fd, event | antievent)
+            else:
+                self._poller.register(fd, event)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+            # epoll(7) refuses some descriptors (regular files): polled
+            # continuously instead, as Twisted does.
+            polling = self._continuousPolling
+            (polling.addReader if read else polling.addWriter)(xer)
+            return
+        primary.add(fd)
+        self._selectables[fd] = xer
+
+    return add
+
+
+def _remover(read: bool) -> Callable[[Any, Any], None]:
+    # EPollReactor.removeReader (or removeWriter) with the continuous polling
+    # check and _remove inlined.
+    antievent = EPOLLOUT if read else EPOLLIN
+
+    def remove(self: Any, xer: Any) -> None:
+        polling = self._continuousPolling
+        polled = polling._readers if read else polling._writers
+        if polled and xer in polled:
+            (polling.removeReader if read else polling.removeWriter)(xer)
+            return
+        fd = xer.fileno()
+        primary, other = (
+            (self._reads, self._writes) if read else (self._writes, self._reads)
+        )
+        if fd == -1:
+            # The descriptor went away: Twisted's own search by object.
+            from twisted.internet.epollreactor import EPollReactor
+
+            twisted = EPollReactor.removeReader if read else EPollReactor.removeWriter
+            twisted(self, xer)  # type: ignore[no-untyped-call]
+            return
+        if fd not in primary:
+            return
+        if fd in other:
+            self._poller.modify(fd, antievent)
+        else:
+            del self._selectables[fd]
+            self._poller.unregister(fd)
+        primary.remove(fd)
+
+    return remove

@@ -1,0 +1,132 @@
+"""
+Tests for L{tlsrelay._reactor}: Twisted's epoll reactor with leaner reader and
+writer registration behaves as it did.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any
+
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests._realreactor import RealReactor
+from tlsrelay._reactor import leanRegistration, tuneReactor
+
+
+class Descriptor:
+    """
+    The least a reactor needs of a file descriptor.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reads = 0
+        self.writes = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        self.reads += 1
+
+    def doWrite(self) -> None:
+        self.writes += 1
+
+    def logPrefix(self) -> str:
+        return "Descriptor"
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+class LeanRegistrationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.real = RealReactor(self)
+        self.reactor: Any = self.real.reactor
+        self.assertTrue(tuneReactor(self.reactor))
+        self.ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.theirs.close)
+        self.descriptor = Descriptor(self.ours.fileno())
+
+    def test_otherReactors(self) -> None:
+        """
+        Reactors other than the epoll reactor are left alone.
+        """
+        reactor = MemoryReactor()
+        self.assertFalse(leanRegistration(reactor))
+        self.assertFalse(tuneReactor(reactor))
+        self.assertNotIn("addReader", vars(reactor))
+
+    def test_readAndWrite(self) -> None:
+        """
+        A descriptor is registered for reading, writing or both, once however
+        often it is added, gets the events it asked for, and is forgotten
+        once it is removed for both.
+        """
+        reactor, descriptor = self.reactor, self.descriptor
+        reactor.addReader(descriptor)
+        reactor.addReader(descriptor)
+        self.assertEqual(reactor.getReaders().count(descriptor), 1)
+        self.assertIn(descriptor, reactor.getReaders())
+        self.theirs.sendall(b"x")
+        reactor.doIteration(0.5)
+        self.assertEqual((descriptor.reads, descriptor.writes), (1, 0))
+        reactor.addWriter(descriptor)
+        self.assertIn(descriptor, reactor.getWriters())
+        reactor.doIteration(0.5)
+        self.assertEqual((descriptor.reads, descriptor.writes), (2, 1))
+        reactor.removeReader(descriptor)
+        reactor.removeReader(descriptor)
+        self.assertNotIn(descriptor, reactor.getReaders())
+        reactor.doIteration(0.5)
+        self.assertEqual((descriptor.reads, descriptor.writes), (2, 2))
+        reactor.addReader(descriptor)
+        reactor.removeWriter(descriptor)
+        self.assertNotIn(descriptor, reactor.getWriters())
+        self.assertIn(descriptor, reactor.getReaders())
+        reactor.removeReader(descriptor)
+        self.assertNotIn(descriptor.fd, reactor._selectables)
+        # Unregistered from epoll too: registering again works.
+        reactor.addWriter(descriptor)
+        reactor.doIteration(0.5)
+        self.assertEqual(descriptor.writes, 3)
+        reactor.removeWriter(descriptor)
+        self.assertNotIn(descriptor.fd, reactor._selectables)
+
+    def test_regularFile(self) -> None:
+        """
+        A descriptor epoll refuses (a regular file) is polled continuously, as
+        Twisted does, and removed from there.
+        """
+        handle, path = tempfile.mkstemp()
+        self.addCleanup(os.unlink, path)
+        self.addCleanup(os.close, handle)
+        reactor, descriptor = self.reactor, Descriptor(handle)
+        reactor.addReader(descriptor)
+        reactor.addWriter(descriptor)
+        polling = reactor._continuousPolling
+        self.assertTrue(polling.isReading(descriptor))
+        self.assertTrue(polling.isWriting(descriptor))
+        self.assertNotIn(handle, reactor._selectables)
+        reactor.removeReader(descriptor)
+        reactor.removeWriter(descriptor)
+        self.assertFalse(polling.isReading(descriptor))
+        self.assertFalse(polling.isWriting(descriptor))
+
+    def test_descriptorGone(self) -> None:
+        """
+        A descriptor whose C{fileno} is already -1 is found by object and
+        removed.
+        """
+        reactor, descriptor = self.reactor, self.descriptor
+        reactor.addReader(descriptor)
+        fd = descriptor.fd
+        descriptor.fd = -1
+        reactor.removeReader(descriptor)
+        self.assertNotIn(fd, reactor._selectables)
+        self.assertNotIn(descriptor, reactor.getReaders())
