@@ -29,11 +29,26 @@ _ORDER = {
 _threshold = [_ORDER[LogLevel.info]]
 
 
+class _Levels:
+    """
+    What hot paths test before building a debug event: an attribute, not a
+    call.
+
+    @ivar debug: C{debug} events are emitted now.
+    """
+
+    debug = False
+
+
+levels = _Levels()
+
+
 def setLevel(level: LogLevel) -> None:
     """
     Emit events at C{level} and above from every tlsrelay module.
     """
     _threshold[0] = _ORDER[level]
+    levels.debug = _ORDER[level] <= _ORDER[LogLevel.debug]
 
 
 def enabled(level: LogLevel) -> bool:

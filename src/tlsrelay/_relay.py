@@ -41,7 +41,6 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
-from twisted.logger import LogLevel
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -49,7 +48,7 @@ from zope.interface import implementer
 
 from tlsrelay._accesslog import AccessLogWriter
 from tlsrelay._config._model import Proxy
-from tlsrelay._log import Logger, enabled
+from tlsrelay._log import Logger, levels
 from tlsrelay._tlsfactory import HandshakeTimeoutTLSProtocol, writeThrough
 from tlsrelay._variables import (
     STATUS_BAD_GATEWAY,
@@ -427,7 +426,7 @@ class RelayProtocol(Protocol):
 
     def connectionMade(self) -> None:
         factory = self.relayFactory
-        transport = cast(_Transport, self.transport)
+        transport: _Transport = self.transport  # type: ignore[assignment]
         peer = transport.getPeer()
         if not factory.connections.acquire():
             self._rejected = True
@@ -448,7 +447,7 @@ class RelayProtocol(Protocol):
         session.setAddresses(transport.getHost() if factory.needsHost else None, peer)
         self.session = session
         _tune(transport, factory.proxy.bufferSize)
-        if enabled(LogLevel.debug):
+        if levels.debug:
             log.debug(
                 "client {client} connected (connection {connection})",
                 client=self._peer,
@@ -659,7 +658,8 @@ class RelayProtocol(Protocol):
         session.upstreamConnectTimes = connection.connectTimes
         session.upstreamSessionReused = connection.sessionReused
         upstream = self._upstreamLeg = _Leg(
-            "upstream", cast(_Transport, protocol.transport)
+            "upstream",
+            protocol.transport,  # type: ignore[arg-type]
         )
         held, protocol.held = protocol.held or (), None
         if protocol.lostReason is not None:
@@ -671,7 +671,7 @@ class RelayProtocol(Protocol):
             upstream.close()
             return
         _tune(upstream.transport, factory.proxy.bufferSize)
-        if enabled(LogLevel.debug):
+        if levels.debug:
             log.debug(
                 "upstream {upstream} connected for {client} in {connectTime:.3f}s",
                 upstream=connection.peer,
@@ -800,7 +800,7 @@ class RelayProtocol(Protocol):
         if not self.relayFactory.proxy.halfClose or other.readClosed:
             self._closeSession()
             return
-        if enabled(LogLevel.debug):
+        if levels.debug:
             log.debug(
                 "{side} of {client} half-closed", side=leg.name, client=self._peer
             )
@@ -881,7 +881,7 @@ class RelayProtocol(Protocol):
         session = self.session
         assert session is not None
         session.endTime = self.relayFactory.now()
-        if enabled(LogLevel.debug):
+        if levels.debug:
             log.debug(
                 "client {client} closed (connection {connection}): status {status}, "
                 "bytes from/to client {bytesReceived}/{bytesSent}, "

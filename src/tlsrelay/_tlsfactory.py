@@ -176,6 +176,20 @@ class LeanSocketMixin:
         if not this.disconnected:
             this.connectionLost(reason)
 
+    def _getLogPrefix(self, applicationObject: object) -> str:
+        # Twisted's, worked out once per kind of protocol (and of the
+        # protocol it wraps, if any) rather than once per connection.
+        key = (
+            type(applicationObject),
+            type(getattr(applicationObject, "wrappedProtocol", None)),
+        )
+        prefix = _logPrefixes.get(key)
+        if prefix is None:
+            prefix = super()._getLogPrefix(applicationObject)  # type: ignore[misc]
+            if len(_logPrefixes) < 64:
+                _logPrefixes[key] = prefix
+        return prefix  # type: ignore[no-any-return]
+
     def readConnectionLost(self, reason: Failure) -> None:
         # What tcp.Connection.readConnectionLost does, asking the protocol
         # whether it provides IHalfCloseableProtocol rather than adapting it
@@ -191,6 +205,9 @@ class LeanSocketMixin:
             log.failure("readConnectionLost of {protocol!r}", protocol=protocol)
             this.connectionLost(Failure())
 
+
+# (protocol class, wrapped protocol class) -> log prefix (LeanSocketMixin).
+_logPrefixes: dict[tuple[type, type], str] = {}
 
 # reactor -> the transports it closes on its next turn (see _closeSoon).
 _closing: dict[Any, list[LeanSocketMixin]] = {}
@@ -222,8 +239,7 @@ class RelayServer(LeanSocketMixin, tcp.Server):
     The transport of an accepted TCP connection, with L{LeanSocketMixin}.
 
     Its peer's address is the one its port built for the protocol factory
-    (Twisted's builds a new one for each C{getPeer}), and its log prefix is
-    worked out once per kind of protocol on its port.
+    (Twisted's builds a new one for each C{getPeer}).
     """
 
     _peer: IPv4Address | IPv6Address | None = None
@@ -234,18 +250,6 @@ class RelayServer(LeanSocketMixin, tcp.Server):
             peer = self._peer = super().getPeer()  # type: ignore[no-untyped-call]
         return peer
 
-    def _getLogPrefix(self, applicationObject: object) -> str:
-        prefixes = getattr(self.server, "_logPrefixes", None)
-        if prefixes is None:
-            return super()._getLogPrefix(applicationObject)  # type: ignore[no-any-return]
-        kind = type(applicationObject)
-        prefix = prefixes.get(kind)
-        if prefix is None:
-            prefix = super()._getLogPrefix(applicationObject)
-            if len(prefixes) < 16:
-                prefixes[kind] = prefix
-        return prefix  # type: ignore[no-any-return]
-
 
 class RelayPort(tcp.Port):
     """
@@ -254,10 +258,6 @@ class RelayPort(tcp.Port):
     """
 
     transport = RelayServer
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._logPrefixes: dict[type, str] = {}
 
     def doRead(self) -> None:
         """
@@ -393,6 +393,15 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             self._unbufferPendingWrites()  # type: ignore[no-untyped-call]
         self._flushReceiveBIO()
         self._handshakeFinished()
+
+    # The transport's, as ProtocolWrapper's __getattr__ would find them, without
+    # the lookup through it.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _checkHandshakeStatus(self) -> None:
         # Twisted's, with SSL_do_handshake called directly: no exception for
