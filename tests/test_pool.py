@@ -91,6 +91,22 @@ def threeServers(**kw: Any) -> tuple[UpstreamPool, MemoryReactorClock]:
     )
 
 
+def unanswering(testCase: SynchronousTestCase) -> tuple[str, int]:
+    """
+    A loopback address where connecting hangs: a listener whose accept queue
+    is full (later SYNs are dropped).
+    """
+    full = listeningSocket(backlog=0)
+    testCase.addCleanup(full.close)
+    address: tuple[str, int] = full.getsockname()
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        testCase.addCleanup(filler.close)
+    return address
+
+
 def factory() -> Factory:
     return Factory.forProtocol(Protocol)
 
@@ -1028,10 +1044,9 @@ class TLSTests(SynchronousTestCase):
         self.assertTrue(IProtocol.providedBy(connected(d).protocol))
 
 
-class DialTests(SynchronousTestCase):
+class RealListener(SynchronousTestCase):
     """
-    On a real POSIX reactor, plain TCP to a literal address skips the endpoint
-    and connector layers (L{tlsrelay._pool._Dial}) with the same outcomes.
+    A real epoll reactor and a loopback listener (C{port}) for each test.
     """
 
     def setUp(self) -> None:
@@ -1040,6 +1055,13 @@ class DialTests(SynchronousTestCase):
         self.listener = listeningSocket()
         self.addCleanup(self.listener.close)
         self.port = self.listener.getsockname()[1]
+
+
+class DialTests(RealListener):
+    """
+    On a real POSIX reactor, plain TCP to a literal address skips the endpoint
+    and connector layers (L{tlsrelay._pool._Dial}) with the same outcomes.
+    """
 
     def pool(self, port: int) -> tuple[UpstreamPool, Any]:
         group = UpstreamGroup("backend", (UpstreamServer(tcp(port)),), Balancer())
@@ -1093,15 +1115,7 @@ class DialTests(SynchronousTestCase):
         An attempt that does not connect in time fails with
         L{twisted.internet.error.TimeoutError}.
         """
-        full = listeningSocket(backlog=0)
-        self.addCleanup(full.close)
-        address = full.getsockname()
-        # Fill the accept queue: later SYNs are dropped, so connect hangs.
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(address)
-            self.addCleanup(filler.close)
+        address = unanswering(self)
         d = self.attempt(address[1], timeout=0.2)
         failure = self.failureResultOf(d, ConnectTimeoutError)
         self.assertIn("no connection within 0.2s", str(failure.value))
@@ -1138,3 +1152,104 @@ class DialTests(SynchronousTestCase):
         self.assertEqual((family, address[:2]), (socket.AF_INET6, ("::1", 443)))
         memory, _ = threeServers()
         self.assertIsNone(memory._target(memory.peers.primary[0], None))
+
+
+class PoolDialTests(RealListener):
+    """
+    The pool's own attempts at plain TCP peers on a POSIX reactor are dialled
+    without a L{Deferred} per attempt, with the outcomes of the general path:
+    connection, failover, timeout, cancellation.
+    """
+
+    def connect(
+        self, *ports: int, proxy: Proxy | None = None
+    ) -> tuple[UpstreamPool, Deferred[UpstreamConnection]]:
+        servers = tuple(UpstreamServer(tcp(port)) for port in ports)
+        group = UpstreamGroup("backend", servers, Balancer())
+        pool = UpstreamPool(group, self.reactor, random.Random(3))
+        return pool, pool.connect(factory(), b"", proxy or Proxy())
+
+    def abort(self, connection: UpstreamConnection) -> None:
+        transport: Any = connection.protocol.transport  # type: ignore[attr-defined]
+        transport.abortConnection()
+        self.real.spin(lambda: transport.disconnected)
+
+    def closedPort(self) -> int:
+        closed = listeningSocket()
+        port: int = closed.getsockname()[1]
+        closed.close()
+        return port
+
+    def test_connects(self) -> None:
+        """
+        The connection is made straight on the socket transport; its peer is
+        counted until released, and no timer is left.
+        """
+        pool, d = self.connect(self.port)
+        self.real.spin(lambda: d.called)
+        connection = self.successResultOf(d)
+        self.assertIsInstance(connection.protocol.transport, _UpstreamClient)  # type: ignore[attr-defined]
+        self.assertEqual(connection.peer, f"127.0.0.1:{self.port}")
+        self.assertIsNone(connection.sessionReused)
+        peer = pool.peers.primary[0]
+        self.assertEqual(peer.conns, 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        connection.release(False)
+        self.assertEqual(peer.conns, 0)
+        self.abort(connection)
+
+    def test_failover(self) -> None:
+        """
+        A refused peer is counted as failed and the next one is tried.
+        """
+        closed = self.closedPort()
+        pool, d = self.connect(closed, self.port)
+        self.real.spin(lambda: d.called)
+        connection = self.successResultOf(d)
+        self.assertEqual(
+            connection.addresses, [f"127.0.0.1:{closed}", f"127.0.0.1:{self.port}"]
+        )
+        self.assertIsNone(connection.connectTimes[0])
+        self.assertEqual([p.fails for p in pool.peers.primary], [1, 0])
+        self.assertEqual([p.conns for p in pool.peers.primary], [0, 1])
+        self.abort(connection)
+
+    def test_allRefused(self) -> None:
+        """
+        When every peer refuses, the result fails with the reasons.
+        """
+        first, second = self.closedPort(), self.closedPort()
+        pool, d = self.connect(first, second)
+        self.real.spin(lambda: d.called)
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        self.assertIn("refused", str(error))
+        self.assertEqual([p.conns for p in pool.peers.primary], [0, 0])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_timeout(self) -> None:
+        """
+        A peer that does not answer within C{proxy_connect_timeout} fails the
+        attempt with "upstream timed out".
+        """
+        address = unanswering(self)
+        pool, d = self.connect(address[1], proxy=Proxy(connectTimeout=0.2))
+        self.real.spin(lambda: d.called)
+        error = self.failureResultOf(d, NoUpstreamAvailable).value
+        self.assertIn("upstream timed out", str(error))
+        self.assertEqual(pool.peers.primary[0].conns, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling stops the attempt, closes its socket, and does not count
+        the peer as failed.
+        """
+        pool, d = self.connect(self.port)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        peer = pool.peers.primary[0]
+        self.assertEqual((peer.conns, peer.fails), (0, 0))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        waker = self.reactor.waker
+        self.assertEqual([r for r in self.reactor.getReaders() if r is not waker], [])
+        self.assertEqual(self.reactor.getWriters(), [])

@@ -42,6 +42,7 @@ from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from functools import partial
 from os import strerror
 from typing import Any
+from typing import Protocol as _Structural
 
 from attrs import define, field
 from OpenSSL import SSL
@@ -454,8 +455,9 @@ class UpstreamPool:
             target = self._target(peer, port)
             if target is not None and creator is None:
                 # Plain TCP: the attempt keeps its own time.
-                dial = _Dial(reactor, target, factory, self._dialDeadlines(timeout))  # type: ignore[arg-type]
-                return dial.result.addCallback(_plain)
+                result = self._dialPlain(target, factory, timeout).result
+                assert result is not None
+                return result.addCallback(_plain)
             connect: Callable[[IProtocolFactory], Deferred[IProtocol]]
             if target is not None:
                 connect = partial(_dial, reactor, target)  # type: ignore[arg-type]
@@ -469,6 +471,21 @@ class UpstreamPool:
         except BaseException:
             return fail()
         return pending.addTimeout(timeout, reactor, _timedOut)
+
+    def _dialPlain(
+        self,
+        target: _Target,
+        factory: IProtocolFactory,
+        timeout: float,
+        listener: _DialListener | None = None,
+    ) -> _Dial:
+        return _Dial(
+            self._reactor,  # type: ignore[arg-type]
+            target,
+            factory,
+            self._dialDeadlines(timeout),
+            listener,
+        )
 
     def _dialDeadlines(self, timeout: float) -> Deadlines[_Dial]:
         deadlines = self._deadlines.get(timeout)
@@ -602,7 +619,7 @@ class _Connecting:
         self.started = self.reactor.seconds()
         self.attemptStarted = self.started
         self.peer: PeerState | None = None
-        self.pending: Deferred[_Connected] | None = None
+        self.pending: Deferred[_Connected] | _Dial | None = None
         self.cancelled = False
         self._next()
 
@@ -622,9 +639,31 @@ class _Connecting:
         self.addresses.append(peer.name)
         self.connectTimes.append(None)
         self.attemptStarted = now
-        pending = self.pool.connectPeer(peer, self.factory, self.proxy.connectTimeout)
+        pool = self.pool
+        target = None
+        if pool._tlsFor is None:
+            try:
+                target = pool._target(peer, None)
+            except Exception:
+                target = None
+        if target is not None:
+            # Plain TCP to an address: the dial tells this attempt itself.
+            dial = pool._dialPlain(
+                target, self.factory, self.proxy.connectTimeout, self
+            )
+            if not dial.settled:
+                # (Unless it failed at once, and the next attempt is pending.)
+                self.pending = dial
+            return
+        pending = pool.connectPeer(peer, self.factory, self.proxy.connectTimeout)
         self.pending = pending
         pending.addCallbacks(self._connected, self._notConnected)
+
+    def dialed(self, outcome: IProtocol | Failure) -> None:
+        if isinstance(outcome, Failure):
+            self._notConnected(outcome)
+        else:
+            self._connected((outcome, None))
 
     def _connected(self, result: _Connected) -> None:
         protocol, reused = result
@@ -824,7 +863,9 @@ def _dial(
     Connect C{factory}'s protocol to C{target} (see L{_Dial}), with no time
     limit of its own.
     """
-    return _Dial(reactor, target, factory).result
+    result = _Dial(reactor, target, factory).result
+    assert result is not None
+    return result
 
 
 class _Dial:
@@ -849,9 +890,18 @@ class _Dial:
         target: _Target,
         factory: IProtocolFactory,
         deadlines: Deadlines[_Dial] | None = None,
+        listener: _DialListener | None = None,
     ) -> None:
+        """
+        @param listener: told the outcome instead of C{result} (which is then
+            L{None}): the pool's own attempts need no L{Deferred}.
+        """
         self.factory = factory
-        self.result: Deferred[IProtocol] = Deferred(self._cancel)
+        self._listener = listener
+        self.settled = False
+        self.result: Deferred[IProtocol] | None = (
+            Deferred(self._cancel) if listener is None else None
+        )
         self._deadlines = deadlines
         if deadlines is not None:
             deadlines.add(self)
@@ -861,37 +911,64 @@ class _Dial:
         return self.factory.buildProtocol(addr)
 
     def connected(self, protocol: IProtocol) -> None:
-        self._stopTimer()
-        if not self.result.called:
-            self.result.callback(protocol)
+        self._settle(protocol)
 
     def connectionFailed(self, reason: Failure) -> None:
-        self._stopTimer()
-        if not self.result.called:
-            self.result.errback(reason)
+        self._settle(reason)
 
-    def _stopTimer(self) -> None:
+    def _settle(self, outcome: IProtocol | Failure) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
         if self._deadlines is not None:
             self._deadlines.discard(self)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.dialed(outcome)
+        elif self.result is not None and not self.result.called:
+            if isinstance(outcome, Failure):
+                self.result.errback(outcome)
+            else:
+                self.result.callback(outcome)
+        return True
 
     def timedOut(self) -> None:
         """
         The timeout passed before the connection was made.
         """
-        if not self.result.called:
-            assert self._deadlines is not None
-            self.result.errback(
-                error.TimeoutError(
-                    string=f"no connection within {self._deadlines.delay}s"
-                )
-            )
+        assert self._deadlines is not None
+        timeout = self._deadlines.delay
+        if self._settle(
+            Failure(error.TimeoutError(string=f"no connection within {timeout}s"))
+        ):
             self.transport.stopConnecting()  # type: ignore[no-untyped-call]
 
-    def _cancel(self, result: Deferred[IProtocol]) -> None:
-        self._stopTimer()
+    def cancel(self) -> None:
+        """
+        Give up: fails with L{error.ConnectingCancelledError}.
+        """
+        if self.result is not None:
+            self.result.cancel()
+        else:
+            self._cancel(None)
+
+    def _cancel(self, result: Deferred[IProtocol] | None) -> None:
         transport = self.transport
-        result.errback(error.ConnectingCancelledError(transport.getPeer()))  # type: ignore[no-untyped-call]
-        transport.stopConnecting()  # type: ignore[no-untyped-call]
+        if self._settle(
+            Failure(error.ConnectingCancelledError(transport.getPeer()))  # type: ignore[no-untyped-call]
+        ):
+            transport.stopConnecting()  # type: ignore[no-untyped-call]
+
+
+class _DialListener(_Structural):
+    """
+    What a L{_Dial} without a L{Deferred} tells its outcome.
+    """
+
+    def dialed(self, outcome: IProtocol | Failure) -> None:
+        """
+        The connected protocol, or why there is none.
+        """
 
 
 class _ConnectedConnector:
