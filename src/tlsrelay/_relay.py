@@ -49,7 +49,7 @@ from zope.interface import implementer
 from tlsrelay._accesslog import AccessLogWriter
 from tlsrelay._config._model import Proxy
 from tlsrelay._log import Logger, levels
-from tlsrelay._tlsfactory import HandshakeTimeoutTLSProtocol, writeThrough
+from tlsrelay._tlsfactory import Deadlines, HandshakeTimeoutTLSProtocol, writeThrough
 from tlsrelay._variables import (
     STATUS_BAD_GATEWAY,
     STATUS_BAD_REQUEST,
@@ -807,13 +807,24 @@ class RelayProtocol(Protocol):
         other.shutdownWrite()
 
     def _startTimer(self, delay: float) -> None:
-        # One timer per session, moved rather than replaced: cheaper for the
-        # reactor than a cancel and a new call each time.
+        # A full proxy_timeout (the first one, and the bound on closing) is
+        # timed with every other session's in the factory's Deadlines; only
+        # the rest of a timeout that activity extended needs a timer of its
+        # own, moved rather than replaced.
+        factory = self.relayFactory
         timer = self._timer
+        if delay == factory.proxy.timeout:
+            if timer is not None:
+                self._timer = None
+                if timer.active():
+                    timer.cancel()
+            factory.sessionDeadlines.add(self)
+            return
+        factory.sessionDeadlines.discard(self)
         if timer is not None and timer.active():
             timer.reset(delay)
         else:
-            self._timer = self.relayFactory.clock.callLater(delay, self._timerFired)
+            self._timer = factory.clock.callLater(delay, self._timerFired)
 
     def _armCloseTimer(self) -> None:
         # Bounds how long closing may take (a TLS peer that never answers
@@ -874,6 +885,7 @@ class RelayProtocol(Protocol):
         Both sides are closed: log the session.
         """
         self._finished = True
+        self.relayFactory.sessionDeadlines.discard(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -932,6 +944,7 @@ class RelayFactory(ServerFactory[RelayProtocol]):
         the connection is closed.
     @ivar hashKey: the C{hash} balancing key, rendered per session for
         C{connectUpstream}.
+    @ivar sessionDeadlines: the sessions' C{proxy_timeout}s, timed together.
     """
 
     connectUpstream: ConnectUpstream | None
@@ -945,6 +958,7 @@ class RelayFactory(ServerFactory[RelayProtocol]):
     hashKey: Template | None = None
     tlsFields: frozenset[str] = field(init=False)
     needsHost: bool = field(init=False)
+    sessionDeadlines: Deadlines[RelayProtocol] = field(init=False)
 
     noisy = False
 
@@ -959,6 +973,9 @@ class RelayFactory(ServerFactory[RelayProtocol]):
                 names |= maybe.names
         self.tlsFields = tlsFactNames(names)
         self.needsHost = not names.isdisjoint({"server_addr", "server_port"})
+        self.sessionDeadlines = Deadlines(
+            self.clock, self.proxy.timeout, RelayProtocol._timerFired
+        )
 
     def buildProtocol(self, addr: IAddress | None) -> RelayProtocol:
         protocol = RelayProtocol(self)
