@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 from typing import Any
 
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests._realreactor import RealReactor
-from tlsrelay._reactor import leanRegistration, tuneReactor
+from tlsrelay._reactor import leanMainLoop, leanRegistration, tuneReactor
 
 
 class Descriptor:
@@ -130,3 +131,79 @@ class LeanRegistrationTests(SynchronousTestCase):
         reactor.removeReader(descriptor)
         self.assertNotIn(fd, reactor._selectables)
         self.assertNotIn(descriptor, reactor.getReaders())
+
+
+class LeanMainLoopTests(SynchronousTestCase):
+    """
+    The main loop that asks for timed calls only when one may be due runs
+    timed calls, calls from threads and I/O as Twisted's does, survives a
+    failing call, and stops.
+    """
+
+    def scenario(self, tune: bool) -> list[str]:
+        """
+        Run a reactor through timed calls (one failing, one cancelled, one
+        scheduled by another), a read, a call from a thread and a stop, and
+        say what happened in which order.
+        """
+        real = RealReactor(self)
+        reactor: Any = real.reactor
+        if tune:
+            self.assertTrue(tuneReactor(reactor))
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        happened: list[str] = []
+
+        class Reader(Descriptor):
+            def doRead(self) -> None:
+                happened.append("read " + ours.recv(10).decode())
+                reactor.removeReader(self)
+
+        def fail() -> None:
+            raise ZeroDivisionError("timed call failed")
+
+        def later() -> None:
+            happened.append("later")
+            theirs.sendall(b"data")
+            reactor.callLater(0, lambda: happened.append("nested"))
+
+        def threaded() -> None:
+            thread = threading.Thread(
+                target=reactor.callFromThread, args=(happened.append, "thread")
+            )
+            thread.start()
+            thread.join()
+
+        reactor.addReader(Reader(ours.fileno()))
+        reactor.callLater(0.02, later)
+        reactor.callLater(0.01, fail)
+        reactor.callLater(0, happened.append, "first")
+        cancelled = reactor.callLater(0.005, happened.append, "cancelled")
+        cancelled.cancel()
+        reactor.callLater(0.03, threaded)
+        reactor.callLater(0.2, reactor.stop)
+        reactor.addSystemEventTrigger(
+            "during", "shutdown", lambda: happened.append("shutdown")
+        )
+        reactor.run(installSignalHandlers=False)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        return happened
+
+    def test_run(self) -> None:
+        """
+        The same things happen in the same order as with Twisted's loop.
+        """
+        lean = self.scenario(True)
+        self.assertEqual(
+            sorted(lean),
+            sorted(["first", "later", "nested", "read data", "thread", "shutdown"]),
+        )
+        self.assertEqual(lean, self.scenario(False))
+
+    def test_otherReactors(self) -> None:
+        """
+        Reactors other than the epoll reactor keep their main loop.
+        """
+        reactor = MemoryReactor()
+        self.assertFalse(leanMainLoop(reactor))

@@ -20,12 +20,62 @@ from tlsrelay._log import dispatchWithoutLogContext
 
 def tuneReactor(reactor: Any) -> bool:
     """
-    Install L{dispatchWithoutLogContext} and L{leanRegistration} on
-    C{reactor} if it is Twisted's epoll reactor.
+    Install L{dispatchWithoutLogContext}, L{leanRegistration} and
+    L{leanMainLoop} on C{reactor} if it is Twisted's epoll reactor.
 
     @return: whether they were installed.
     """
-    return dispatchWithoutLogContext(reactor) and leanRegistration(reactor)
+    return (
+        dispatchWithoutLogContext(reactor)
+        and leanRegistration(reactor)
+        and leanMainLoop(reactor)
+    )
+
+
+def leanMainLoop(reactor: Any) -> bool:
+    """
+    Give C{reactor}, if it is Twisted's epoll reactor, a main loop that runs
+    its timed and threaded calls only when one may be due: Twisted's asks for
+    them twice per turn (C{runUntilCurrent}, then C{timeout}) inside a new
+    failure handler each turn, which costs more Python calls than the turn's
+    I/O often does.  What runs, and in which order, is the same.
+
+    @return: whether the loop was replaced.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+
+    if not isinstance(reactor, EPollReactor):
+        return False
+    reactor.mainLoop = MethodType(_mainLoop, reactor)  # type: ignore[method-assign]
+    return True
+
+
+# The longest epoll_wait(2) timeout, as Twisted's ReactorBase.timeout caps it.
+_LONGEST = 2147483
+
+
+def _mainLoop(self: Any) -> None:
+    from twisted.internet.base import _log, _topHandler
+
+    while self._started:
+        with _topHandler:
+            while self._started:
+                pending = self._pendingTimedCalls
+                if (
+                    self.threadCallQueue
+                    or self._newTimedCalls
+                    or self._justStopped
+                    or (pending and pending[0].time <= self.seconds())
+                ):
+                    self.runUntilCurrent()
+                    if self._newTimedCalls:
+                        self._insertNewDelayedCalls()
+                    pending = self._pendingTimedCalls
+                timeout = None
+                if pending:
+                    timeout = max(0, min(_LONGEST, pending[0].time - self.seconds()))
+                self.doIteration(self.running and timeout)
+    _log.info("Main loop terminated.")
 
 
 def leanRegistration(reactor: Any) -> bool:

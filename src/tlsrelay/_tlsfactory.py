@@ -78,6 +78,7 @@ _received = _ffi.new("char[]", _SCRATCH)
 _outgoing = _ffi.new("char[]", _SCRATCH)
 _outgoingView = memoryview(_ffi.buffer(_outgoing))  # type: ignore[arg-type]
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
+_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _WANTS_READ, _FAILED, _DONE = object(), object(), object()
 
 
@@ -470,22 +471,27 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                     self._deliver(received)
                     received = 0
                 continue
-            if _lib.SSL_get_error(ssl, result) == _WANT_READ and _quiet(connection):
+            error = _lib.SSL_get_error(ssl, result)
+            quiet = _quiet(connection)
+            if error == _WANT_READ and quiet:
                 if received:
                     self._deliver(received)
                 break
-            # Shutdown, an error, or a problem a callback left: what pyOpenSSL
-            # raises for it, handled as Twisted does, after the data before it.
-            closed = False
+            # The peer's close_notify (the end of every connection: no
+            # exception for it), an error, or a problem a callback left: what
+            # pyOpenSSL raises for it, handled as Twisted does, after the data
+            # before it.
+            closed = error == _ZERO_RETURN and quiet
             problem = None
-            try:
-                connection._raise_ssl_error(ssl, result)
-            except WantReadError:
-                pass
-            except ZeroReturnError:
-                closed = True
-            except Error:
-                problem = Failure()
+            if not closed:
+                try:
+                    connection._raise_ssl_error(ssl, result)
+                except WantReadError:
+                    pass
+                except ZeroReturnError:
+                    closed = True
+                except Error:
+                    problem = Failure()
             if received:
                 self._deliver(received)
             if closed:
