@@ -32,6 +32,7 @@ from tests.test_endpoints import (
     makeCertificates,
 )
 from tlsrelay._config._model import CertificatePair, ServerTLS
+from tlsrelay._relay import _tune
 from tlsrelay._tls import ServerContextFactory, buildServerContext
 from tlsrelay._tlsfactory import (
     Deadlines,
@@ -550,3 +551,33 @@ class LeanSocketTests(SynchronousTestCase):
         reactor = MemoryReactor()
         adoptStreamPort(reactor, 7, socket.AF_INET, self.app)
         self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, self.app)])
+
+
+class TuneTests(SynchronousTestCase):
+    """
+    The relay's tuning of a real socket transport.
+    """
+
+    def test_realSocket(self) -> None:
+        """
+        A TCP socket transport gets C{TCP_NODELAY} and the relay's buffer
+        size.
+        """
+        real = RealReactor(self)
+        app = ChunksFactory()
+        listener = listeningSocket()
+        port = adoptStreamPort(real.reactor, listener.fileno(), socket.AF_INET, app)
+        self.addCleanup(real.stopListening, port)
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        listener.close()
+        self.addCleanup(client.close)
+        real.spin(lambda: app.built)
+        transport: Any = app.built[0].transport
+        self.assertFalse(
+            transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        )
+        _tune(transport, 1234)
+        self.assertTrue(
+            transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        )
+        self.assertEqual(transport.bufferSize, 1234)

@@ -198,6 +198,7 @@ _cffi = FFI()
 For the callbacks OpenSSL makes per handshake and the functions they call: a
 cffi instance of our own, with pointers only (no declarations).
 """
+_memmove = _cffi._backend.memmove  # FFI.memmove without its Python wrapper
 
 
 @frozen
@@ -808,7 +809,7 @@ def installTicketKeys(
             return -1
         if setMacParams(macContext, params) != 1:
             return -1
-        _cffi.memmove(keyName, current.name, 16)
+        _memmove(keyName, current.name, 16)
         return 1
 
     def decrypt(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache
+from socket import IPPROTO_TCP, TCP_NODELAY
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -41,6 +42,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
+from twisted.internet.tcp import Connection as TCPConnection
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -186,7 +188,11 @@ def _tune(transport: object, bufferSize: int) -> None:
     inner = _innermost(transport)
     if ITCPTransport.providedBy(inner):
         try:
-            inner.setTcpNoDelay(True)
+            if isinstance(inner, TCPConnection):
+                # Twisted's setTcpNoDelay, without its method call.
+                inner.socket.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+            else:
+                inner.setTcpNoDelay(True)
         except OSError:
             pass
     if isinstance(inner, FileDescriptor):
