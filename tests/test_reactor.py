@@ -11,11 +11,12 @@ import tempfile
 import threading
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests._realreactor import RealReactor
-from tlsrelay._reactor import leanMainLoop, leanRegistration, tuneReactor
+from tlsrelay._reactor import callSoon, leanMainLoop, leanRegistration, tuneReactor
 
 
 class Descriptor:
@@ -167,6 +168,7 @@ class LeanMainLoopTests(SynchronousTestCase):
             happened.append("later")
             theirs.sendall(b"data")
             reactor.callLater(0, lambda: happened.append("nested"))
+            callSoon(reactor, happened.append, "soon")
 
         def threaded() -> None:
             thread = threading.Thread(
@@ -182,12 +184,14 @@ class LeanMainLoopTests(SynchronousTestCase):
         cancelled = reactor.callLater(0.005, happened.append, "cancelled")
         cancelled.cancel()
         reactor.callLater(0.03, threaded)
+        reactor.callLater(0.04, callSoon, reactor, fail)
+        reactor.callLater(0.05, callSoon, reactor, happened.append, "after failure")
         reactor.callLater(0.2, reactor.stop)
         reactor.addSystemEventTrigger(
             "during", "shutdown", lambda: happened.append("shutdown")
         )
         reactor.run(installSignalHandlers=False)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
         return happened
 
     def test_run(self) -> None:
@@ -197,7 +201,18 @@ class LeanMainLoopTests(SynchronousTestCase):
         lean = self.scenario(True)
         self.assertEqual(
             sorted(lean),
-            sorted(["first", "later", "nested", "read data", "thread", "shutdown"]),
+            sorted(
+                [
+                    "first",
+                    "later",
+                    "nested",
+                    "soon",
+                    "read data",
+                    "thread",
+                    "after failure",
+                    "shutdown",
+                ]
+            ),
         )
         self.assertEqual(lean, self.scenario(False))
 
@@ -207,3 +222,29 @@ class LeanMainLoopTests(SynchronousTestCase):
         """
         reactor = MemoryReactor()
         self.assertFalse(leanMainLoop(reactor))
+
+
+class CallSoonTests(SynchronousTestCase):
+    """
+    L{callSoon} on a reactor without the lean main loop is C{callLater(0)}.
+    """
+
+    def test_otherReactors(self) -> None:
+        clock = Clock()
+        called: list[int] = []
+        callSoon(clock, called.append, 1)
+        self.assertEqual(called, [])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        self.assertEqual(called, [1])
+
+    def test_iterate(self) -> None:
+        """
+        C{iterate} on a tuned reactor runs what was called soon.
+        """
+        real = RealReactor(self)
+        self.assertTrue(tuneReactor(real.reactor))
+        called: list[int] = []
+        callSoon(real.reactor, called.append, 1)
+        real.reactor.iterate(0)
+        self.assertEqual(called, [1])

@@ -15,7 +15,9 @@ from select import EPOLLIN, EPOLLOUT
 from types import MethodType
 from typing import Any
 
-from tlsrelay._log import dispatchWithoutLogContext
+from tlsrelay._log import Logger, dispatchWithoutLogContext
+
+log = Logger()
 
 
 def tuneReactor(reactor: Any) -> bool:
@@ -46,8 +48,52 @@ def leanMainLoop(reactor: Any) -> bool:
 
     if not isinstance(reactor, EPollReactor):
         return False
+    reactor._callsSoon = []  # type: ignore[attr-defined]
     reactor.mainLoop = MethodType(_mainLoop, reactor)  # type: ignore[method-assign]
+    reactor.iterate = MethodType(_iterate, reactor)  # type: ignore[method-assign]
     return True
+
+
+def _iterate(self: Any, delay: float = 0.0) -> None:
+    # ReactorBase.iterate, with the calls made soon.
+    soon = self._callsSoon
+    calls = _takeSoon(soon) if soon else None
+    self.runUntilCurrent()
+    if calls:
+        _runSoon(calls)
+    self.doIteration(0 if soon else delay)
+
+
+def callSoon(reactor: Any, f: Callable[..., object], *args: object) -> None:
+    """
+    Call C{f(*args)} on C{reactor}'s next turn, as C{reactor.callLater(0, f,
+    *args)} does: on a reactor with L{leanMainLoop}, from a list the loop
+    empties each turn instead of through a timed call (whose creation and
+    two passes through the reactor's heap cost a dozen Python calls); an
+    exception is logged and the other calls still run.
+    """
+    soon = getattr(reactor, "_callsSoon", None)
+    if soon is None:
+        reactor.callLater(0, f, *args)
+    else:
+        soon.append((f, args))
+
+
+_Calls = list[tuple[Callable[..., object], tuple[object, ...]]]
+
+
+def _takeSoon(soon: _Calls) -> _Calls:
+    calls = soon[:]
+    del soon[:]
+    return calls
+
+
+def _runSoon(calls: _Calls) -> None:
+    for f, args in calls:
+        try:
+            f(*args)
+        except Exception:
+            log.failure("while handling a call made soon: {call!r}", call=f)
 
 
 # The longest epoll_wait(2) timeout, as Twisted's ReactorBase.timeout caps it.
@@ -57,9 +103,14 @@ _LONGEST = 2147483
 def _mainLoop(self: Any) -> None:
     from twisted.internet.base import _log, _topHandler
 
+    soon = self._callsSoon
     while self._started:
         with _topHandler:
             while self._started:
+                # The timed calls due, then what was called soon during the
+                # last turn (as callLater(0) calls would run: in the turn
+                # after the one that made them, after older timed calls).
+                calls = _takeSoon(soon) if soon else None
                 pending = self._pendingTimedCalls
                 if (
                     self.threadCallQueue
@@ -71,8 +122,15 @@ def _mainLoop(self: Any) -> None:
                     if self._newTimedCalls:
                         self._insertNewDelayedCalls()
                     pending = self._pendingTimedCalls
+                if calls:
+                    _runSoon(calls)
+                    if self._newTimedCalls:
+                        self._insertNewDelayedCalls()
+                        pending = self._pendingTimedCalls
                 timeout = None
-                if pending:
+                if soon:
+                    timeout = 0
+                elif pending:
                     timeout = max(0, min(_LONGEST, pending[0].time - self.seconds()))
                 self.doIteration(self.running and timeout)
     _log.info("Main loop terminated.")

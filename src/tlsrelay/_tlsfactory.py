@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from tlsrelay._log import Logger
+from tlsrelay._reactor import callSoon
 from tlsrelay._variables import describePeer
 
 log = Logger()
@@ -217,13 +218,13 @@ _closing: dict[Any, list[LeanSocketMixin]] = {}
 def _closeSoon(reactor: Any, transport: LeanSocketMixin) -> None:
     """
     Call C{transport._closed} on C{reactor}'s next turn, as a
-    C{callLater(0, ...)} of its own would, with one timed call for all the
-    transports closed in the same turn.
+    C{callLater(0, ...)} of its own would, with one call (L{callSoon}) for
+    all the transports closed in the same turn.
     """
     pending = _closing.get(reactor)
     if pending is None:
         pending = _closing[reactor] = []
-        reactor.callLater(0, _closePending, reactor)
+        callSoon(reactor, _closePending, reactor)
     pending.append(transport)
 
 
