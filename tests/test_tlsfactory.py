@@ -88,6 +88,34 @@ class DeadlinesTests(SynchronousTestCase):
             self.clock, 10.0, self.expired.append
         )
 
+    def test_tunedReactorKeepsTheCall(self) -> None:
+        """
+        On a tuned reactor, the reactor call outlives the last item: the next
+        item needs no new call, and when the call runs with nothing left it
+        ends without another.
+        """
+        clock: Any = Clock()
+        clock._callsSoon = []
+        deadlines: Deadlines[str] = Deadlines(clock, 10.0, self.expired.append)
+        deadlines.add("a")
+        [call] = clock.getDelayedCalls()
+        deadlines.discard("a")
+        self.assertEqual(clock.getDelayedCalls(), [call])
+        clock.advance(4)
+        deadlines.add("b")
+        self.assertEqual(clock.getDelayedCalls(), [call])
+        clock.advance(6)
+        self.assertEqual(self.expired, [])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(4)
+        self.assertEqual(self.expired, ["b"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        deadlines.add("c")
+        deadlines.discard("c")
+        clock.advance(10)
+        self.assertEqual(self.expired, ["b"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_inOrderOnTime(self) -> None:
         """
         Each item expires when its own delay has passed, with one call

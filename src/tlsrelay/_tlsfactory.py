@@ -714,6 +714,12 @@ class Deadlines(Generic[_T]):
 
     Items expire in the order they were added, which is the order of their
     deadlines while the clock does not go back.
+
+    On a reactor that L{tlsrelay._reactor.tuneReactor} tuned, the reactor call
+    is not cancelled when the last item goes (it runs once more, at most
+    C{delay} later, and finds nothing): connections come and go too often for
+    a cancel and a new call each time.  Elsewhere (tests' clocks included) it
+    is cancelled at once.
     """
 
     def __init__(
@@ -743,6 +749,11 @@ class Deadlines(Generic[_T]):
         """
         deadlines = self._deadlines
         if deadlines.pop(item, None) is not None and not deadlines:
+            if getattr(self._clock, "_callsSoon", None) is not None:
+                # A reactor tuned by tuneReactor (the relay's): the call stays
+                # and, if nothing was added by then, ends when it runs.  The
+                # next item spares a callLater, and this one a cancel.
+                return
             call, self._call = self._call, None
             if call is not None and call.active():
                 call.cancel()
