@@ -75,6 +75,23 @@ class ChunksFactory(Factory):
         return protocol
 
 
+def relayPort(
+    testCase: SynchronousTestCase,
+) -> tuple[RealReactor, ChunksFactory, Any, tuple[str, int]]:
+    """
+    A private epoll reactor with a port adopted by L{adoptStreamPort} for a
+    L{ChunksFactory}, stopped after C{testCase}; and the port's address.
+    """
+    real = RealReactor(testCase)
+    app = ChunksFactory()
+    listener = listeningSocket()
+    port = adoptStreamPort(real.reactor, listener.fileno(), socket.AF_INET, app)
+    address: tuple[str, int] = listener.getsockname()
+    listener.close()
+    testCase.addCleanup(real.stopListening, port)
+    return real, app, port, address
+
+
 class DeadlinesTests(SynchronousTestCase):
     """
     L{Deadlines} times many items with one reactor call, as a C{callLater} each
@@ -318,15 +335,7 @@ class WriteThroughTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.real = RealReactor(self)
-        self.app = ChunksFactory()
-        listener = listeningSocket()
-        self.port = adoptStreamPort(
-            self.real.reactor, listener.fileno(), socket.AF_INET, self.app
-        )
-        address = listener.getsockname()
-        listener.close()
-        self.addCleanup(self.real.stopListening, self.port)
+        self.real, self.app, self.port, address = relayPort(self)
         self.client = socket.create_connection(address, timeout=5)
         self.addCleanup(self.client.close)
         self.real.spin(lambda: self.app.built and self.app.built[0].transport)
@@ -378,15 +387,7 @@ class LeanSocketTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.real = RealReactor(self)
-        self.app = ChunksFactory()
-        listener = listeningSocket()
-        self.port = adoptStreamPort(
-            self.real.reactor, listener.fileno(), socket.AF_INET, self.app
-        )
-        self.address = listener.getsockname()
-        listener.close()
-        self.addCleanup(self.real.stopListening, self.port)
+        self.real, self.app, self.port, self.address = relayPort(self)
 
     def connect(self) -> tuple[socket.socket, Chunks]:
         client = socket.create_connection(self.address, timeout=5)
@@ -591,13 +592,8 @@ class TuneTests(SynchronousTestCase):
         A TCP socket transport gets C{TCP_NODELAY} and the relay's buffer
         size.
         """
-        real = RealReactor(self)
-        app = ChunksFactory()
-        listener = listeningSocket()
-        port = adoptStreamPort(real.reactor, listener.fileno(), socket.AF_INET, app)
-        self.addCleanup(real.stopListening, port)
-        client = socket.create_connection(listener.getsockname(), timeout=5)
-        listener.close()
+        real, app, _, address = relayPort(self)
+        client = socket.create_connection(address, timeout=5)
         self.addCleanup(client.close)
         real.spin(lambda: app.built)
         transport: Any = app.built[0].transport
