@@ -154,17 +154,29 @@ class TicketKeyFileTests(SessionTestCase):
 
 class WorkerTests(SessionTestCase):
     ROUNDS = 20
+    MOST = 300
 
-    def resumptions(self, port: int, version: ssl.TLSVersion) -> tuple[int, set[str]]:
+    def resumptions(
+        self, port: int, version: ssl.TLSVersion
+    ) -> tuple[int, int, set[str]]:
+        """
+        Reconnect with the first connection's session: C{ROUNDS} times, and
+        more (up to C{MOST}) until both workers have answered, since which
+        worker accepts a connection is the kernel's choice.
+
+        @return: how many reconnects resumed, how many there were, and the
+            workers that answered.
+        """
         context = self.context(version)
         words, session, _ = self.fetch(port, context)
         pids = {words[0]}
-        reused = 0
-        for _ in range(self.ROUNDS):
+        reused = tries = 0
+        while tries < self.ROUNDS or (len(pids) < 2 and tries < self.MOST):
             words, _, wasReused = self.fetch(port, context, session)
             pids.add(words[0])
             reused += wasReused
-        return reused, pids
+            tries += 1
+        return reused, tries, pids
 
     def test_workersShareTickets(self) -> None:
         """
@@ -174,8 +186,8 @@ class WorkerTests(SessionTestCase):
         relay, port = self.returnRelay("", main="worker_processes 2;")
         relay.waitFor("listening on", 2)
         for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-            reused, pids = self.resumptions(port, version)
-            self.assertEqual(reused, self.ROUNDS, version)
+            reused, tries, pids = self.resumptions(port, version)
+            self.assertEqual(reused, tries, version)
             self.assertEqual(len(pids), 2, pids)
 
     def test_workersShareCache(self) -> None:
@@ -189,8 +201,8 @@ class WorkerTests(SessionTestCase):
         )
         relay.waitFor("listening on", 2)
         for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
-            reused, pids = self.resumptions(port, version)
-            self.assertEqual(reused, self.ROUNDS, version)
+            reused, tries, pids = self.resumptions(port, version)
+            self.assertEqual(reused, tries, version)
             self.assertEqual(len(pids), 2, pids)
 
     def test_workerRestartAndReload(self) -> None:
