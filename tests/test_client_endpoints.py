@@ -12,7 +12,6 @@ import random
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import trustme
@@ -30,11 +29,8 @@ from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
     IHandshakeListener,
-    IHostnameResolver,
-    IHostResolution,
     IProtocol,
     IProtocolFactory,
-    IResolutionReceiver,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
 )
@@ -47,6 +43,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests._helpers import FakeResolver
 from tests._iosim import FakeTransport, IOPump
 from tests._iosim import connect as iosimConnect
 from tlsrelay._config._model import (
@@ -205,46 +202,6 @@ def tlsAccept(
         clock=reactor,
     )
     return pump, upstream
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """
-    A name resolver with fixed answers, completing when told.
-    """
-
-    def __init__(self, answers: dict[str, Sequence[IAddress]]) -> None:
-        self.answers = answers
-        self.receivers: list[tuple[IResolutionReceiver, str]] = []
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Any = None,
-        transportSemantics: str = "TCP",
-    ) -> IHostResolution:
-        self.receivers.append((resolutionReceiver, hostName))
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        return resolution
-
-    def finish(self) -> None:
-        receivers, self.receivers = self.receivers, []
-        for receiver, name in receivers:
-            for address in self.answers.get(name, []):
-                receiver.addressResolved(address)
-            receiver.resolutionComplete()
 
 
 def fakeConnection(protocol: IProtocol, released: list[bool]) -> UpstreamConnection:

@@ -17,6 +17,7 @@ from OpenSSL import SSL
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests._helpers import closeCleanly
 from tlsrelay import _openssl
 from tlsrelay._openssl import (
     DEFAULT_SESSION_ID_CONTEXT,
@@ -127,18 +128,6 @@ def withStore(store: SessionStore) -> Callable[[SSL.Context], None]:
     A context set-up that installs C{store}.
     """
     return lambda context: installSessionStore(context, store)
-
-
-def closeCleanly(*connections: SSL.Connection) -> None:
-    """
-    Send close_notify, so OpenSSL does not mark the session bad when the
-    connection is freed.
-    """
-    for connection in connections:
-        try:
-            connection.shutdown()
-        except SSL.Error:
-            pass
 
 
 class TLSTestCase(SynchronousTestCase):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Sequence
 from typing import Any
 
 import trustme
@@ -24,10 +23,8 @@ from twisted.internet.error import (
     TimeoutError as ConnectTimeoutError,
 )
 from twisted.internet.interfaces import (
-    IAddress,
     IHandshakeListener,
     IHostnameResolver,
-    IHostResolution,
     IProtocol,
     IResolutionReceiver,
 )
@@ -37,9 +34,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests._helpers import FakeResolver
 from tests._iosim import FakeTransport, IOPump
 from tests._iosim import connect as iosimConnect
 from tests._realreactor import RealReactor, listeningSocket
@@ -656,47 +653,6 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(pool.peers.primary[0].fails, 0)
         pool.connect(factory(), b"", Proxy())
         self.assertEqual(targets(reactor), [9001, 9001])
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """
-    A name resolver with fixed answers, completing when told.
-    """
-
-    def __init__(self, answers: dict[str, Sequence[IAddress]]) -> None:
-        self.answers = answers
-        self.asked: list[tuple[str, int, Any]] = []
-        self.receivers: list[tuple[IResolutionReceiver, str, int]] = []
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Any = None,
-        transportSemantics: str = "TCP",
-    ) -> IHostResolution:
-        self.asked.append((hostName, portNumber, addressTypes))
-        self.receivers.append((resolutionReceiver, hostName, portNumber))
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        return resolution
-
-    def finish(self) -> None:
-        for receiver, name, _port in self.receivers:
-            for address in self.answers.get(name, []):
-                receiver.addressResolved(address)
-            receiver.resolutionComplete()
 
 
 class ResolveTests(SynchronousTestCase):

@@ -30,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests._helpers import Resolution
 from tlsrelay._accesslog import AccessLogFiles
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._load import loadConfig
@@ -96,15 +97,6 @@ class PortReactor(MemoryReactorClock):
         return port
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
 @implementer(IHostnameResolver)
 class PendingResolver:
     """
@@ -122,7 +114,7 @@ class PendingResolver:
         addressTypes: Sequence[type[IAddress]] | None = None,
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
-        resolution = _Resolution(hostName)
+        resolution = Resolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
         self.pending.append((resolutionReceiver, hostName, portNumber))
         return resolution

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests._helpers import closeCleanly
 from tlsrelay import _openssl
 from tlsrelay._config._errors import ConfigError
 from tlsrelay._config._model import CertificatePair, ServerTLS, SessionCache, Where
@@ -40,14 +41,6 @@ def shared(name: str = "SSL", size: int = MEGABYTE, tickets: bool = True) -> Ser
         sessionCache=SessionCache(mode="shared", sharedName=name, sharedSize=size),
         sessionTickets=tickets,
     )
-
-
-def closeCleanly(*connections: SSL.Connection) -> None:
-    for connection in connections:
-        try:
-            connection.shutdown()
-        except SSL.Error:
-            pass
 
 
 class SharingTestCase(SynchronousTestCase):

@@ -18,6 +18,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests._helpers import closeCleanly
 from tlsrelay._openssl import TicketKey, installTicketKeys, sessionReused
 from tlsrelay._tickets import (
     DEFAULT_FOLLOW_INTERVAL,
@@ -801,14 +802,6 @@ class PublishTests(RotationTestCase):
             lifetime=60,
             publishTo=self.published,
         )
-
-
-def closeCleanly(*connections: SSL.Connection) -> None:
-    for connection in connections:
-        try:
-            connection.shutdown()
-        except SSL.Error:
-            pass
 
 
 class ResumptionTests(RotationTestCase):
