@@ -451,13 +451,12 @@ class UpstreamPool:
         """
         reactor = self._reactor
         try:
+            dial = self._dialPlain(peer, factory, timeout, port)
+            if dial is not None:
+                assert dial.result is not None
+                return dial.result.addCallback(_plain)
             creator = self._creator(peer)
             target = self._target(peer, port)
-            if target is not None and creator is None:
-                # Plain TCP: the attempt keeps its own time.
-                result = self._dialPlain(target, factory, timeout).result
-                assert result is not None
-                return result.addCallback(_plain)
             connect: Callable[[IProtocolFactory], Deferred[IProtocol]]
             if target is not None:
                 connect = partial(_dial, reactor, target)  # type: ignore[arg-type]
@@ -474,11 +473,22 @@ class UpstreamPool:
 
     def _dialPlain(
         self,
-        target: _Target,
+        peer: PeerState,
         factory: IProtocolFactory,
         timeout: float,
+        port: int | None = None,
         listener: _DialListener | None = None,
-    ) -> _Dial:
+    ) -> _Dial | None:
+        """
+        A L{_Dial} to C{peer} if it is plain TCP to an address on a POSIX
+        reactor (it keeps its own time, and tells C{listener} if given),
+        else L{None}.
+        """
+        if self._creator(peer) is not None:
+            return None
+        target = self._target(peer, port)
+        if target is None:
+            return None
         return _Dial(
             self._reactor,  # type: ignore[arg-type]
             target,
@@ -639,23 +649,18 @@ class _Connecting:
         self.addresses.append(peer.name)
         self.connectTimes.append(None)
         self.attemptStarted = now
-        pool = self.pool
-        target = None
-        if pool._tlsFor is None:
-            try:
-                target = pool._target(peer, None)
-            except Exception:
-                target = None
-        if target is not None:
+        pool, timeout = self.pool, self.proxy.connectTimeout
+        try:
             # Plain TCP to an address: the dial tells this attempt itself.
-            dial = pool._dialPlain(
-                target, self.factory, self.proxy.connectTimeout, self
-            )
+            dial = pool._dialPlain(peer, self.factory, timeout, listener=self)
+        except Exception:
+            dial = None  # connectPeer fails the attempt with the same error
+        if dial is not None:
             if not dial.settled:
                 # (Unless it failed at once, and the next attempt is pending.)
                 self.pending = dial
             return
-        pending = pool.connectPeer(peer, self.factory, self.proxy.connectTimeout)
+        pending = pool.connectPeer(peer, self.factory, timeout)
         self.pending = pending
         pending.addCallbacks(self._connected, self._notConnected)
 
