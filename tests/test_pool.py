@@ -1077,11 +1077,55 @@ class DialTests(RealListener):
         self.assertIn("no connection within 0.2s", str(failure.value))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_connectsAtOnce(self) -> None:
+        """
+        A connection that C{connect(2)} finished before returning (loopback)
+        is handed over at once: no wait for a writable event, and the socket
+        was never registered for writing.
+        """
+        pool, peer = self.pool(self.port)
+        self.pools = pool
+        writers: list[object] = []
+        addWriter = self.reactor.addWriter
+
+        def recordWriter(writer: object) -> None:
+            writers.append(writer)
+            addWriter(writer)
+
+        self.patch(self.reactor, "addWriter", recordWriter)
+        d = pool.connectPeer(peer, factory(), 5.0)
+        protocol, _ = self.successResultOf(d)
+        transport: Any = protocol.transport  # type: ignore[attr-defined]
+        self.assertTrue(transport.connectedAtOnce)
+        self.assertEqual(writers, [])
+        self.assertIn(transport, self.reactor.getReaders())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        accepted, _ = self.listener.accept()
+        self.addCleanup(accepted.close)
+        transport.loseConnection()
+        self.real.spin(lambda: transport.disconnected)
+
+    def test_connectsLater(self) -> None:
+        """
+        A connection still in progress when C{connect(2)} returns is handed
+        over once the reactor reports the socket writable.
+        """
+        address = unanswering(self)
+        pool, peer = self.pool(address[1])
+        self.pools = pool
+        d = pool.connectPeer(peer, factory(), 5.0)
+        self.assertNoResult(d)
+        [transport] = self.reactor.getWriters()
+        self.assertFalse(transport.connectedAtOnce)
+        d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
+
     def test_cancel(self) -> None:
         """
         Cancelling stops the attempt and closes its socket.
         """
-        pool, peer = self.pool(self.port)
+        address = unanswering(self)
+        pool, peer = self.pool(address[1])
         d = pool.connectPeer(peer, factory(), 5.0)
         d.cancel()
         self.failureResultOf(d, ConnectingCancelledError)
@@ -1200,7 +1244,7 @@ class PoolDialTests(RealListener):
         Cancelling stops the attempt, closes its socket, and does not count
         the peer as failed.
         """
-        pool, d = self.connect(self.port)
+        pool, d = self.connect(unanswering(self)[1])
         d.cancel()
         self.failureResultOf(d, CancelledError)
         peer = pool.peers.primary[0]

@@ -402,6 +402,11 @@ class RelayProtocol(Protocol):
     @ivar session: the session's variables, once the connection is made.
     """
 
+    _clientPaused = False
+    """
+    Whether the client is paused until the upstream connects.
+    """
+
     def __init__(self, relayFactory: RelayFactory) -> None:
         self.relayFactory = relayFactory
         self.session: Session | None = None
@@ -566,8 +571,8 @@ class RelayProtocol(Protocol):
             session.bytesSent += len(value)
             self._closeSession()
             return
-        client.transport.pauseProducing()
         if not factory.connections.acquire():
+            client.transport.pauseProducing()
             log.warn(
                 "{limit} worker_connections are not enough",
                 limit=factory.connections.limit,
@@ -588,14 +593,21 @@ class RelayProtocol(Protocol):
             connecting = connect(_UpstreamFactory(self), key)
         except Exception:
             log.failure("connecting upstream for {client}", client=self._peer)
+            client.transport.pauseProducing()
             self._releaseSlot()
             session.status = STATUS_INTERNAL_SERVER_ERROR
             self._closeSession()
             return
-        # Set before the callbacks: they may run at once.
+        # Set before the callbacks: they may run at once (a connection made
+        # before connect(2) returned, or refused as fast).
         self._connecting = connecting
         connecting.addCallbacks(self._upstreamConnected, self._upstreamFailed)
         connecting.addErrback(self._bug)
+        if self._connecting is not None:
+            # Until the upstream is connected, the client is not read (nginx
+            # reads nothing before it has somewhere to send it).
+            self._clientPaused = True
+            client.transport.pauseProducing()
 
     def _bug(self, reason: Failure) -> None:
         log.failure("relay for {client}", reason, client=self._peer)
@@ -702,7 +714,8 @@ class RelayProtocol(Protocol):
             self._passReadClosed(client)
         if protocol.readClosed:
             self._readClosed(upstream)
-        if not client.readClosed and not self._closing:
+        if self._clientPaused and not client.readClosed and not self._closing:
+            self._clientPaused = False
             client.transport.resumeProducing()
 
     def _toClient(self, data: bytes) -> None:
