@@ -1239,6 +1239,76 @@ class PoolDialTests(RealListener):
         self.assertEqual(pool.peers.primary[0].conns, 0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def listen(
+        self, *ports: int, proxy: Proxy | None = None
+    ) -> tuple[UpstreamPool, Any, list[object]]:
+        """
+        An attempt through C{connectFor}: its listener's calls are recorded.
+        """
+        told: list[object] = []
+
+        class Listener:
+            def upstreamConnected(self, connection: UpstreamConnection) -> None:
+                told.append(connection)
+
+            def upstreamFailed(self, reason: Failure) -> None:
+                told.append(reason)
+
+        servers = tuple(UpstreamServer(tcp(port)) for port in ports)
+        pool = UpstreamPool(
+            UpstreamGroup("backend", servers, Balancer()),
+            self.reactor,
+            random.Random(3),
+        )
+        attempt = pool.connectFor(factory(), b"", Listener(), proxy or Proxy())
+        return pool, attempt, told
+
+    def test_listenerConnected(self) -> None:
+        """
+        C{connectFor} tells its listener the connection (on loopback, before
+        it returns); a later cancel changes nothing.
+        """
+        pool, attempt, told = self.listen(self.port)
+        [connection] = told
+        assert isinstance(connection, UpstreamConnection)
+        self.assertEqual(connection.peer, f"127.0.0.1:{self.port}")
+        self.assertIsNone(attempt.result)
+        attempt.cancel()
+        self.assertEqual(told, [connection])
+        self.assertEqual(pool.peers.primary[0].conns, 1)
+        connection.release(False)
+        self.abort(connection)
+
+    def test_listenerFailed(self) -> None:
+        """
+        When every peer refuses, the listener is told the failure, once.
+        """
+        closed = self.closedPort()
+        pool, attempt, told = self.listen(closed, closed)
+        self.real.spin(lambda: bool(told))
+        [reason] = told
+        assert isinstance(reason, Failure)
+        reason.trap(NoUpstreamAvailable)
+        self.assertEqual(pool.peers.primary[0].conns, 0)
+        attempt.cancel()
+        self.assertEqual(len(told), 1)
+
+    def test_listenerCancelled(self) -> None:
+        """
+        Cancelling an attempt still connecting tells the listener a
+        L{CancelledError}, closes the socket and counts no failure.
+        """
+        pool, attempt, told = self.listen(unanswering(self)[1])
+        self.assertEqual(told, [])
+        attempt.cancel()
+        [reason] = told
+        assert isinstance(reason, Failure)
+        reason.trap(CancelledError)
+        peer = pool.peers.primary[0]
+        self.assertEqual((peer.conns, peer.fails), (0, 0))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.reactor.getWriters(), [])
+
     def test_cancel(self) -> None:
         """
         Cancelling stops the attempt, closes its socket, and does not count

@@ -56,6 +56,7 @@ from tlsrelay._relay import (
     RelayFactory,
     RelayProtocol,
     UpstreamConnection,
+    UpstreamListener,
     WorkerConnections,
     _isClientCertificateFailure,
     _UpstreamProtocol,
@@ -144,10 +145,11 @@ class FakePool:
 
     attempts: list[Attempt] = field(factory=list)
     cancelSucceeds: bool = False
+    connectAtOnce: bool = False
     last: tuple[_UpstreamProtocol, TCPTransport, FakeUpstreamConnection] | None = None
 
     def connect(
-        self, factory: IProtocolFactory, key: bytes
+        self, factory: IProtocolFactory, key: bytes, listener: UpstreamListener
     ) -> Deferred[UpstreamConnection]:
         def cancel(d: Deferred[UpstreamConnection]) -> None:
             attempt.cancelled = True
@@ -157,6 +159,12 @@ class FakePool:
 
         attempt = Attempt(factory, key, Deferred(cancel))
         self.attempts.append(attempt)
+        attempt.deferred.addCallbacks(
+            listener.upstreamConnected, listener.upstreamFailed
+        )
+        if self.connectAtOnce:
+            # As a loopback connect(2) finishes before it returns.
+            self.succeed()
         return attempt.deferred
 
     def succeed(
@@ -455,6 +463,24 @@ class PlainRelayTests(RelayTestCase):
         self.pool.succeed()
         self.assertEqual(transport.producerState, "producing")
 
+    def test_connectedAtOnce(self) -> None:
+        """
+        An upstream connected before the pool's call returns: the client is
+        never paused, and what it sends goes straight upstream.
+        """
+        self.pool.connectAtOnce = True
+        protocol = self.factory.buildProtocol(CLIENT)
+        transport = TCPTransport(hostAddress=LISTENER, peerAddress=CLIENT)
+        pauses: list[None] = []
+        self.patch(transport, "pauseProducing", lambda: pauses.append(None))
+        protocol.makeConnection(transport)
+        self.assertEqual(pauses, [])
+        self.assertEqual(transport.producerState, "producing")
+        assert self.pool.last is not None
+        _, upstreamTransport, _ = self.pool.last
+        protocol.dataReceived(b"hello")
+        self.assertEqual(upstreamTransport.value(), b"hello")
+
     def test_heldThenFlushed(self) -> None:
         """
         What the client sent before the upstream connected (in the same read) is
@@ -709,7 +735,7 @@ class TeardownTests(RelayTestCase):
         self.setUpRelay(logFormat="$status")
 
         def broken(
-            factory: IProtocolFactory, key: bytes
+            factory: IProtocolFactory, key: bytes, listener: UpstreamListener
         ) -> Deferred[UpstreamConnection]:
             raise RuntimeError("bug")
 

@@ -398,7 +398,27 @@ class UpstreamPool:
 
         Fails with L{NoUpstreamAvailable}; cancelling stops the attempt.
         """
-        return _Connecting(self, factory, hashKey, proxy).result
+        result = _Connecting(self, factory, hashKey, proxy).result
+        assert result is not None
+        return result
+
+    def connectFor(
+        self,
+        factory: IProtocolFactory,
+        hashKey: bytes,
+        listener: ConnectionListener,
+        proxy: Proxy,
+    ) -> _Connecting:
+        """
+        L{connect}, telling C{listener} the outcome instead of a L{Deferred}
+        (a relayed connection needs none): C{upstreamConnected} with the
+        L{UpstreamConnection}, or C{upstreamFailed} with what the L{Deferred}
+        would have failed with.  Either may be called before this returns.
+
+        @return: the attempt, whose C{cancel()} stops it (C{upstreamFailed} is
+            then told a L{CancelledError}, as a cancelled L{Deferred} fails).
+        """
+        return _Connecting(self, factory, hashKey, proxy, listener)
 
     def _forgetReplacedPeers(self) -> None:
         current = set(self.peers.peers())
@@ -601,10 +621,30 @@ class UpstreamPool:
             )
 
 
+class ConnectionListener(_Structural):
+    """
+    What L{UpstreamPool.connectFor} tells the outcome of an attempt.
+    """
+
+    def upstreamConnected(self, connection: UpstreamConnection) -> None:
+        """
+        The attempt connected.
+        """
+
+    def upstreamFailed(self, reason: Failure) -> None:
+        """
+        The attempt failed (L{NoUpstreamAvailable}) or was cancelled
+        (L{CancelledError}).
+        """
+
+
 class _Connecting:
     """
     One connection attempt across peers (nginx's C{ngx_stream_proxy_connect} and
     C{ngx_stream_proxy_next_upstream}).
+
+    Its outcome goes to C{result} or, when given one, to a listener (and
+    C{result} is L{None}).
     """
 
     def __init__(
@@ -613,12 +653,16 @@ class _Connecting:
         factory: IProtocolFactory,
         hashKey: bytes,
         proxy: Proxy,
+        listener: ConnectionListener | None = None,
     ) -> None:
         self.pool = pool
         self.factory = factory
         self.proxy = proxy
         self.reactor = pool._reactor
-        self.result: Deferred[UpstreamConnection] = Deferred(self._cancel)
+        self._listener = listener
+        self.result: Deferred[UpstreamConnection] | None = (
+            Deferred(self._cancel) if listener is None else None
+        )
         self.selection: Selection = pool.policy.begin(hashKey)
         self.tries = pool.peers.tries
         if proxy.nextUpstreamTries and self.tries > proxy.nextUpstreamTries:
@@ -687,7 +731,17 @@ class _Connecting:
             onRelease=self.pool._releaser(peer),
             sessionReused=reused,
         )
-        self.result.callback(connection)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.upstreamConnected(connection)
+        elif self.result is not None:
+            self.result.callback(connection)
+        else:
+            # Connected after its listener was told it was cancelled.
+            connection.release()
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
 
     def _notConnected(self, reason: Failure) -> None:
         self.pending = None
@@ -721,11 +775,35 @@ class _Connecting:
         self._next()
 
     def _fail(self) -> None:
-        self.result.errback(
-            NoUpstreamAvailable(self.pool.config.name, self.addresses, self.reasons)
+        self._failWith(
+            Failure(
+                NoUpstreamAvailable(self.pool.config.name, self.addresses, self.reasons)
+            )
         )
 
-    def _cancel(self, result: Deferred[UpstreamConnection]) -> None:
+    def _failWith(self, reason: Failure) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.upstreamFailed(reason)
+        else:
+            assert self.result is not None
+            self.result.errback(reason)
+
+    def cancel(self) -> None:
+        """
+        Give up, as cancelling C{result} does: what is pending is cancelled,
+        and the outcome is a L{CancelledError} unless one came first.
+        """
+        if self.result is not None:
+            self.result.cancel()
+            return
+        if self._listener is None:
+            return
+        self._cancel(None)
+        if self._listener is not None:
+            self._failWith(Failure(CancelledError()))
+
+    def _cancel(self, result: Deferred[UpstreamConnection] | None) -> None:
         self.cancelled = True
         if self.pending is not None:
             self.pending.cancel()

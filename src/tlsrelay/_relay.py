@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import cache
 from socket import IPPROTO_TCP, TCP_NODELAY
-from typing import Any, cast
 from typing import Protocol as TypingProtocol
+from typing import cast
 
 from attrs import define, field
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
@@ -109,16 +109,42 @@ class UpstreamConnection(TypingProtocol):
         """
 
 
-ConnectUpstream = Callable[[IProtocolFactory, bytes], "Deferred[UpstreamConnection]"]
-"""
-Connect to the upstream group: C{(factory, hashKey) -> Deferred[UpstreamConnection]}.
+class UpstreamListener(TypingProtocol):
+    """
+    What a L{ConnectUpstream} tells the outcome of an attempt (a relay).
+    """
 
-The pool applies C{proxy_connect_timeout} and C{proxy_next_upstream*}.  The
-L{Deferred} fails when no upstream could be reached (if the exception has a C{peer}
-string, it becomes C{$upstream_addr}, and C{connectTimes}, a sequence,
-C{$upstream_connect_time}); it must support C{cancel()}, which the relay calls when
-the client goes away first (the pool then closes what it opened).
+    def upstreamConnected(self, connection: UpstreamConnection) -> None: ...
+    def upstreamFailed(self, reason: Failure) -> None: ...
+
+
+class _Attempt(TypingProtocol):
+    def cancel(self) -> None: ...
+
+
+ConnectUpstream = Callable[[IProtocolFactory, bytes, UpstreamListener], _Attempt]
 """
+Connect to the upstream group: C{(factory, hashKey, listener) -> attempt}.
+
+The pool applies C{proxy_connect_timeout} and C{proxy_next_upstream*}, and
+tells C{listener} the outcome, possibly before it returns: C{upstreamConnected}
+with the L{UpstreamConnection}, or C{upstreamFailed} when no upstream could be
+reached (if the exception has a C{peer} string, it becomes C{$upstream_addr},
+and C{connectTimes}, a sequence, C{$upstream_connect_time}).  The relay calls
+the attempt's C{cancel()} when the client goes away first (the pool then closes
+what it opened, and tells C{upstreamFailed} a L{CancelledError} unless the
+connection was made first).
+"""
+
+
+class _Starting:
+    """
+    The attempt of a relay whose C{ConnectUpstream} call has not returned.
+    """
+
+    @staticmethod
+    def cancel() -> None:
+        pass
 
 
 class _Transport(TypingProtocol):
@@ -414,7 +440,7 @@ class RelayProtocol(Protocol):
         self._upstreamLeg: _Leg | None = None
         self._upstream: _UpstreamProtocol | None = None
         self._connection: UpstreamConnection | None = None
-        self._connecting: Deferred[Any] | None = None
+        self._connecting: _Attempt | None = None
         self._held: list[bytes] | None = None
         self._rejected = False
         self._upstreamSlot = False
@@ -589,25 +615,37 @@ class RelayProtocol(Protocol):
             key = factory.hashKey.render(session).encode("utf-8")
         connect = factory.connectUpstream
         assert connect is not None
+        # Until the call returns: the outcome may be told before it does.
+        self._connecting = _Starting
         try:
-            connecting = connect(_UpstreamFactory(self), key)
+            connecting = connect(_UpstreamFactory(self), key, self)
         except Exception:
+            self._connecting = None
             log.failure("connecting upstream for {client}", client=self._peer)
             client.transport.pauseProducing()
             self._releaseSlot()
             session.status = STATUS_INTERNAL_SERVER_ERROR
             self._closeSession()
             return
-        # Set before the callbacks: they may run at once (a connection made
-        # before connect(2) returned, or refused as fast).
-        self._connecting = connecting
-        connecting.addCallbacks(self._upstreamConnected, self._upstreamFailed)
-        connecting.addErrback(self._bug)
-        if self._connecting is not None:
-            # Until the upstream is connected, the client is not read (nginx
+        if self._connecting is _Starting:
+            # Still connecting (not made before connect(2) returned, nor
+            # refused as fast): until it is, the client is not read (nginx
             # reads nothing before it has somewhere to send it).
+            self._connecting = connecting
             self._clientPaused = True
             client.transport.pauseProducing()
+
+    def upstreamConnected(self, connection: UpstreamConnection) -> None:
+        try:
+            self._upstreamConnected(connection)
+        except BaseException:
+            self._bug(Failure())
+
+    def upstreamFailed(self, reason: Failure) -> None:
+        try:
+            self._upstreamFailed(reason)
+        except BaseException:
+            self._bug(Failure())
 
     def _bug(self, reason: Failure) -> None:
         log.failure("relay for {client}", reason, client=self._peer)
@@ -616,7 +654,7 @@ class RelayProtocol(Protocol):
         self._abortAll()
 
     def _cancelConnect(self) -> None:
-        # The errback (CancelledError) clears _connecting.
+        # upstreamFailed (CancelledError) clears _connecting.
         if self._connecting is not None:
             self._connecting.cancel()
 

@@ -17,6 +17,7 @@ import random
 import socket
 import sys
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import IO, Any
 
 from attrs import define, field
@@ -322,12 +323,7 @@ def _firstError(failure: Failure) -> Failure:
 
 
 def _connector(pool: UpstreamPool, server: StreamServer) -> Any:
-    proxy = server.proxy
-
-    def connect(factory: IProtocolFactory, hashKey: bytes) -> Deferred[Any]:
-        return pool.connect(factory, hashKey, proxy)
-
-    return connect
+    return partial(pool.connectFor, proxy=server.proxy)
 
 
 class RelayService(MultiService):
