@@ -12,8 +12,9 @@ import socket
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone
+from twisted.internet import error, tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
@@ -35,6 +36,7 @@ from tlsrelay._config._model import CertificatePair, ServerTLS
 from tlsrelay._relay import _tune
 from tlsrelay._tls import ServerContextFactory, buildServerContext
 from tlsrelay._tlsfactory import (
+    _CONNECTION_DONE,
     Deadlines,
     RelayPort,
     RelayServer,
@@ -410,6 +412,48 @@ class LeanSocketTests(SynchronousTestCase):
         client.sendall(data)
         self.real.spin(lambda: len(app.received) == len(data))
         self.assertEqual(app.received, data)
+
+    def test_likeTwisted(self) -> None:
+        """
+        A L{RelayServer} starts as Twisted's C{tcp.Server} does: non-blocking,
+        read, with its log prefix, its representation and its peer.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        self.assertIn(transport, self.real.reactor.getReaders())
+        self.assertFalse(transport.socket.getblocking())
+        self.assertEqual(transport.connected, 1)
+        self.assertEqual(
+            (transport.disconnected, transport.disconnecting, transport.dataBuffer),
+            (0, 0, b""),
+        )
+        self.assertEqual((transport._tempDataBuffer, transport._tempDataLen), ([], 0))
+        host, port = client.getsockname()
+        self.assertEqual(transport.getPeer(), IPv4Address("TCP", host, port))
+        self.assertEqual(transport.hostname, host)
+        self.assertEqual(transport.logstr, f"Chunks,{transport.sessionno},{host}")
+        self.assertEqual(
+            repr(transport),
+            f"<Chunks #{transport.sessionno} on {self.port.getHost().port}>",
+        )
+
+    def test_doneFailure(self) -> None:
+        """
+        The failure transports are closed with answers C{check} as
+        C{Failure.check} does, for classes and qualified names.
+        """
+        mine = _CONNECTION_DONE
+        twisted = Failure(ConnectionDone())
+        for errorTypes in (
+            (ConnectionDone,),
+            (ConnectionLost, ConnectionDone),
+            (error.ConnectionAborted,),
+            (Exception,),
+            ("twisted.internet.error.ConnectionDone",),
+            ("builtins.ValueError",),
+            (),
+        ):
+            self.assertEqual(mine.check(*errorTypes), twisted.check(*errorTypes))
 
     def test_quickClose(self) -> None:
         """

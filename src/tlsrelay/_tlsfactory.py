@@ -42,7 +42,9 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    IProtocol,
     IProtocolFactory,
+    IReactorFDSet,
     IReactorTime,
     ITransport,
 )
@@ -114,7 +116,25 @@ def writeThrough(transport: Any, data: Any) -> None:
     transport.write(data if type(data) is bytes else bytes(data))
 
 
-_CONNECTION_DONE = Failure(main.CONNECTION_DONE)
+class _DoneFailure(Failure):
+    """
+    The failure L{LeanSocketMixin} closes its transports with: its C{check}
+    answers with C{issubclass}, without the walk through qualified class
+    names that C{Failure.check} makes (for Twisted's C{connectionLost}, twice
+    per relayed connection).
+    """
+
+    def check(self, *errorTypes: type[BaseException] | str) -> Any:
+        for errorType in errorTypes:
+            if isinstance(errorType, type):
+                if issubclass(self.type, errorType):  # type: ignore[arg-type]
+                    return errorType
+            elif errorType in self.parents:
+                return errorType
+        return None
+
+
+_CONNECTION_DONE = _DoneFailure(main.CONNECTION_DONE)  # type: ignore[no-untyped-call]
 
 
 class LeanSocketMixin:
@@ -245,6 +265,37 @@ class RelayServer(LeanSocketMixin, tcp.Server):
     """
 
     _peer: IPv4Address | IPv6Address | None = None
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: IProtocol,
+        client: tuple[object, ...],
+        server: tcp.Port,
+        sessionno: int,
+        reactor: IReactorFDSet,
+    ) -> None:
+        # What tcp.Server.__init__ (with Connection's and FileDescriptor's)
+        # does, in one call.
+        self.reactor = reactor
+        self._tempDataBuffer: list[bytes] = []
+        self._tempDataLen = 0
+        self.socket = sock
+        sock.setblocking(False)
+        self.fileno = sock.fileno  # type: ignore[method-assign]
+        self.protocol = protocol
+        if len(client) != 2:
+            self._addressType = IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.logstr = f"{self._getLogPrefix(protocol)},{sessionno},{client[0]}"
+        self.repstr = (
+            f"<{type(protocol).__name__} #{sessionno} on {server._realPortNumber}>"
+        )
+        self.startReading()  # type: ignore[no-untyped-call]
+        self.connected = 1
 
     def getPeer(self) -> IPv4Address | IPv6Address:
         peer = self._peer
