@@ -1098,6 +1098,15 @@ class DialTests(RealListener):
         transport: Any = protocol.transport  # type: ignore[attr-defined]
         self.assertTrue(transport.connectedAtOnce)
         self.assertEqual(writers, [])
+        # Never timed, and its peer's address object is shared.
+        self.assertEqual(len(pool._dialDeadlines(5.0)), 0)
+        again, _ = self.successResultOf(pool.connectPeer(peer, factory(), 5.0))
+        self.assertIs(again.transport.getPeer(), transport.getPeer())  # type: ignore[attr-defined]
+        self.assertEqual(
+            transport.getPeer(), IPv4Address("TCP", "127.0.0.1", self.port)
+        )
+        again.transport.abortConnection()  # type: ignore[attr-defined]
+        self.real.spin(lambda: again.transport.disconnected)  # type: ignore[attr-defined]
         self.assertIn(transport, self.reactor.getReaders())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         accepted, _ = self.listener.accept()

@@ -437,6 +437,41 @@ class LeanSocketTests(SynchronousTestCase):
             f"<Chunks #{transport.sessionno} on {self.port.getHost().port}>",
         )
 
+    def test_producers(self) -> None:
+        """
+        Producers register and unregister as on Twisted's transports: one at
+        a time, and a pull producer is asked for data at once.
+        """
+        _, app = self.connect()
+        transport: Any = app.transport
+        producer = StringTransport()
+        transport.registerProducer(producer, True)
+        self.assertIs(transport.producer, producer)
+        self.assertTrue(transport.streamingProducer)
+        self.assertRaises(RuntimeError, transport.registerProducer, producer, True)
+        transport.unregisterProducer()
+        self.assertIsNone(transport.producer)
+        pulled: list[None] = []
+
+        class Pull:
+            def resumeProducing(self) -> None:
+                pulled.append(None)
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Pull(), False)
+        self.assertEqual(pulled, [None])
+        self.assertFalse(transport.streamingProducer)
+        transport.unregisterProducer()
+        # Unregistering from a transport closing with data queued lets the
+        # queue drain and the connection close.
+        transport.registerProducer(producer, True)
+        transport.write(b"x" * 4)
+        transport.loseConnection()
+        transport.unregisterProducer()
+        self.real.spin(lambda: app.lost is not None)
+
     def test_doneFailure(self) -> None:
         """
         The failure transports are closed with answers C{check} as

@@ -986,11 +986,11 @@ class _Dial:
             Deferred(self._cancel) if listener is None else None
         )
         self._deadlines = deadlines
-        if deadlines is not None:
-            deadlines.add(self)
         self.transport = transport = _UpstreamClient(target, self, reactor)
         if transport.connectedAtOnce:
             transport.doConnect()
+        elif deadlines is not None and not self.settled:
+            deadlines.add(self)
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         return self.factory.buildProtocol(addr)
@@ -1067,6 +1067,10 @@ class _ConnectedConnector:
         pass
 
 
+# Upstream socket address -> its Twisted address (_UpstreamClient.getPeer).
+_peerAddresses: dict[Any, IPv4Address | IPv6Address] = {}
+
+
 def _connect(skt: socket.SocketType, address: Any) -> int:
     """
     C{connect(2)} on the non-blocking C{skt}: 0 or an errno value.
@@ -1126,6 +1130,17 @@ class _UpstreamClient(LeanSocketMixin, tcp.Client):
         else:
             self.failIfNotConnected(error.getConnectError((result, strerror(result))))  # type: ignore[no-untyped-call]
 
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        # One address object per upstream address (Twisted builds one per
+        # call); they are immutable.
+        key = self.realAddress
+        peer = _peerAddresses.get(key)
+        if peer is None:
+            peer = super().getPeer()  # type: ignore[no-untyped-call]
+            if len(_peerAddresses) < 256:
+                _peerAddresses[key] = peer
+        return peer  # type: ignore[no-any-return]
+
     def doConnect(self) -> None:
         if not hasattr(self, "connector"):
             # Failed already, in the read half of this very event.
@@ -1135,9 +1150,9 @@ class _UpstreamClient(LeanSocketMixin, tcp.Client):
             if err:
                 self.failIfNotConnected(error.getConnectError((err, strerror(err))))  # type: ignore[no-untyped-call]
                 return
+            self.stopWriting()  # type: ignore[no-untyped-call]
         del self.doWrite
         del self.doRead
-        self.stopWriting()  # type: ignore[no-untyped-call]
         self._connectDone()  # type: ignore[no-untyped-call]
         protocol = self.protocol
         if self.connected and protocol is not None:

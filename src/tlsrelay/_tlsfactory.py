@@ -193,6 +193,24 @@ class LeanSocketMixin:
             return
         super().loseConnection()  # type: ignore[misc]
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        # What Twisted's does (the TLS mixin's, then FileDescriptor's) for a
+        # streaming producer on a connected transport without TLS in it, in
+        # one call.
+        this: Any = self
+        if not streaming or this.TLS or this.disconnected or this.producer is not None:
+            super().registerProducer(producer, streaming)  # type: ignore[misc]
+            return
+        this.producer = producer
+        this.streamingProducer = True
+
+    def unregisterProducer(self) -> None:
+        this: Any = self
+        if this.TLS or (this.connected and this.disconnecting):
+            super().unregisterProducer()  # type: ignore[misc]
+            return
+        this.producer = None
+
     def _closed(self, reason: Failure) -> None:
         this: Any = self
         if not this.disconnected:
@@ -553,6 +571,27 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(problem)  # type: ignore[no-untyped-call]
             break
         self._flushSendBIO()
+
+    def _shutdownTLS(self) -> None:
+        # Twisted's, with SSL_shutdown called directly (pyOpenSSL's wrapper,
+        # twice per connection, only for the error case).
+        connection = self._tlsConnection
+        if type(connection) is not Connection:
+            TLSMemoryBIOProtocol._shutdownTLS(self)  # type: ignore[no-untyped-call]
+            return
+        ssl = connection._ssl
+        result = _lib.SSL_shutdown(ssl)
+        if result < 0:
+            # Mid-handshake, or failed: not done, with OpenSSL's error queue
+            # emptied as pyOpenSSL empties it.
+            try:
+                connection._raise_ssl_error(ssl, result)
+            except Error:
+                pass
+        self._flushSendBIO()
+        if result > 0:
+            # Both sides have shut down (or the handshake never started).
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _deliver(self, size: int) -> None:
         if not self._aborted:
