@@ -165,11 +165,21 @@ class PeerGroup:
     primary: list[PeerState]
     backup: list[PeerState] = Factory(list)
     _totalWeight: int = field(init=False, default=0)
+    single: bool = field(init=False, default=False)
+    """
+    One peer and no backup: nginx neither counts its failures nor retries it.
+    """
+    tries: int = field(init=False, default=0)
+    """
+    How many peers a connection may try, at most (nginx's C{peer.tries}).
+    """
 
     def __attrs_post_init__(self) -> None:
         if not self.primary:
             raise ValueError(f'no servers in upstream "{self.name}"')
         self._totalWeight = sum(peer.weight for peer in self.primary)
+        self.single = len(self.primary) == 1 and not self.backup
+        self.tries = len(self.primary) + len(self.backup)
 
     @classmethod
     def fromServers(
@@ -198,25 +208,11 @@ class PeerGroup:
         return cls(name, primary, backup)
 
     @property
-    def single(self) -> bool:
-        """
-        One peer and no backup: nginx neither counts its failures nor retries it.
-        """
-        return len(self.primary) == 1 and not self.backup
-
-    @property
     def totalWeight(self) -> int:
         """
         The sum of the primary peers' weights.
         """
         return self._totalWeight
-
-    @property
-    def tries(self) -> int:
-        """
-        How many peers a connection may try, at most (nginx's C{peer.tries}).
-        """
-        return len(self.primary) + len(self.backup)
 
     def peers(self) -> list[PeerState]:
         """
@@ -366,7 +362,8 @@ class RoundRobin:
         self.group = group
 
     def begin(self, key: bytes) -> Selection:
-        return Selection(self.group, key)
+        group = self.group
+        return Selection(group, key, group.primary)
 
     def update(self, group: PeerGroup) -> None:
         self.group = group
@@ -544,7 +541,7 @@ class ConsistentHash(RoundRobin):
         self._hashes = [point[0] for point in self.points]
 
     def begin(self, key: bytes) -> Selection:
-        selection = Selection(self.group, key)
+        selection = Selection(self.group, key, self.group.primary)
         if self.points:
             selection.hash = bisect_left(self._hashes, zlib.crc32(key))
         return selection
