@@ -263,24 +263,21 @@ class Selection:
     The per-connection state of a policy (nginx's C{rrp}, C{hp}, C{rp}): which peers
     were tried, whether backups are in use, the hash and how many rehashes.
 
-    @ivar peers: the peer list being picked from (primary, then backup).
+    @ivar peers: the peer list being picked from (the group's primary peers,
+        then its backup peers).
     @ivar tried: indexes into C{peers} tried by this connection.
     @ivar current: the peer picked last.
     """
 
     group: PeerGroup
-    key: bytes = b""
-    peers: list[PeerState] = field()
+    key: bytes
+    peers: list[PeerState]
     usingBackup: bool = False
     tried: set[int] = Factory(set)
     current: PeerState | None = None
     hash: int = 0
     rehash: int = 0
     tries: int = 0
-
-    @peers.default
-    def _peersDefault(self) -> list[PeerState]:
-        return self.group.primary
 
     def useBackup(self) -> bool:
         """
@@ -541,7 +538,7 @@ class ConsistentHash(RoundRobin):
         self._hashes = [point[0] for point in self.points]
 
     def begin(self, key: bytes) -> Selection:
-        selection = Selection(self.group, key, self.group.primary)
+        selection = super().begin(key)
         if self.points:
             selection.hash = bisect_left(self._hashes, zlib.crc32(key))
         return selection

@@ -734,14 +734,9 @@ class _Connecting:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.upstreamConnected(connection)
-        elif self.result is not None:
-            self.result.callback(connection)
         else:
-            # Connected after its listener was told it was cancelled.
-            connection.release()
-            transport = getattr(protocol, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
+            assert self.result is not None
+            self.result.callback(connection)
 
     def _notConnected(self, reason: Failure) -> None:
         self.pending = None
