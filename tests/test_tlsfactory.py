@@ -1,7 +1,7 @@
 """
 Tests for the fast paths of L{tlsrelay._tlsfactory}: L{FastTLSProtocol},
 L{writeThrough}, L{Deadlines}, and the lean socket transports (L{RelayPort},
-L{RelayServer}, L{LeanSocketMixin}).  L{TLSServerFactory}'s handshake timeout
+L{RelayServer}, L{LeanSocketMixin}, L{TLSServerConnection}).  L{TLSServerFactory}'s handshake timeout
 is tested with the endpoints, in C{tests.test_endpoints}.
 """
 
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import error, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -28,6 +29,8 @@ from tests._realreactor import RealReactor, listeningSocket
 from tests.test_endpoints import (
     CLIENT_ADDRESS,
     SERVER_ADDRESS,
+    Recorder,
+    RecorderFactory,
     clientCreator,
     connectTLS,
     makeCertificates,
@@ -38,8 +41,10 @@ from tlsrelay._tls import ServerContextFactory, buildServerContext
 from tlsrelay._tlsfactory import (
     _CONNECTION_DONE,
     Deadlines,
+    HandshakeTimeoutTLSProtocol,
     RelayPort,
     RelayServer,
+    TLSServerConnection,
     TLSServerFactory,
     adoptStreamPort,
     writeThrough,
@@ -684,3 +689,268 @@ class TuneTests(SynchronousTestCase):
             transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         )
         self.assertEqual(transport.bufferSize, 1234)
+
+
+class _Producer:
+    """
+    A streaming producer that counts what it is asked.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class TLSServerConnectionTests(SynchronousTestCase):
+    """
+    On a L{RelayPort}, a L{TLSServerFactory}'s connections are
+    L{TLSServerConnection}s: socket and TLS in one transport, which behaves to
+    the application as Twisted's TLS layer over a TCP transport does.  Driven
+    by a real TLS client (Python's C{ssl}) over loopback.
+    """
+
+    def setUp(self) -> None:
+        _, self.files, _ = makeCertificates(self)
+        self.real = RealReactor(self)
+        self.clock = Clock()
+        self.app = RecorderFactory(echo=True)
+        context = buildServerContext(
+            ServerTLS(
+                certificates=(CertificatePair(self.files.certificate, self.files.key),)
+            )
+        )
+        self.factory = TLSServerFactory(
+            ServerContextFactory(context), self.app, 30.0, self.clock
+        )
+        listener = listeningSocket()
+        self.port = adoptStreamPort(
+            self.real.reactor, listener.fileno(), socket.AF_INET, self.factory
+        )
+        self.address: tuple[str, int] = listener.getsockname()
+        listener.close()
+        self.addCleanup(self.real.stopListening, self.port)
+
+    def connect(self, handshake: bool = True) -> tuple[ssl.SSLSocket, Recorder]:
+        """
+        A client connected (and, if C{handshake}, done with its handshake),
+        and the application protocol that serves it.
+        """
+        context = ssl.create_default_context(cafile=self.files.caFile)
+        raw = socket.create_connection(self.address, timeout=5)
+        raw.setblocking(False)
+        client = context.wrap_socket(
+            raw, server_hostname="localhost", do_handshake_on_connect=False
+        )
+        self.addCleanup(client.close)
+        count = len(self.app.built)
+        self.real.spin(lambda: len(self.app.built) > count)
+        app = self.app.built[-1]
+        if handshake:
+            self.real.spin(lambda: _step(client.do_handshake))
+            self.real.spin(lambda: app.handshakes)
+        return client, app
+
+    def receive(self, client: ssl.SSLSocket, size: int) -> bytes:
+        """
+        What the client reads, once C{size} bytes (or the end) came.
+        """
+        received: list[bytes] = []
+
+        def more() -> bool:
+            data = _step(lambda: client.recv(65536))
+            if data is None:
+                return False
+            received.append(data)
+            return not data or sum(map(len, received)) >= size
+
+        self.real.spin(more)
+        return b"".join(received)
+
+    def test_transport(self) -> None:
+        """
+        The application's transport is a L{TLSServerConnection}: an
+        C{ISSLTransport} with the TLS connection as its handle, the client as
+        its peer; bytes pass both ways decrypted; the handshake is told to an
+        C{IHandshakeListener}, and its timeout ends with it.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        self.assertIsInstance(transport, TLSServerConnection)
+        self.assertTrue(ISSLTransport.providedBy(transport))
+        self.assertIsInstance(transport.getHandle(), SSL.Connection)
+        self.assertIsNone(transport.getPeerCertificate())
+        self.assertIsNone(transport.negotiatedProtocol)
+        self.assertEqual(transport.getPeer(), IPv4Address("TCP", *client.getsockname()))
+        self.assertEqual((app.made, app.handshakes), (True, 1))
+        assert self.factory.handshakeDeadlines is not None
+        self.assertEqual(len(self.factory.handshakeDeadlines), 0)
+        client.sendall(b"ping " * 5000)
+        self.assertEqual(self.receive(client, 25000), b"ping " * 5000)
+        self.assertEqual(app.received, b"ping " * 5000)
+
+    def test_writeBeforeHandshake(self) -> None:
+        """
+        What the application writes before the handshake is done is sent,
+        encrypted, once it is; C{writeThrough} encrypts too.
+        """
+        client, app = self.connect(handshake=False)
+        transport: Any = app.transport
+        transport.write(b"hello ")
+        writeThrough(transport, b"there")
+        self.real.spin(lambda: _step(client.do_handshake))
+        self.assertEqual(self.receive(client, 11), b"hello there")
+
+    def test_loseConnection(self) -> None:
+        """
+        C{loseConnection} sends close_notify and keeps the connection until
+        the client's; then the application hears a clean close.
+        """
+        client, app = self.connect()
+        app.transport.loseConnection()  # type: ignore[union-attr]
+        self.assertEqual(self.receive(client, 1), b"")
+        self.assertIsNone(app.lost)
+        raw = client.unwrap()
+        self.addCleanup(raw.close)
+        self.real.spin(lambda: app.lost is not None)
+        assert app.lost is not None
+        self.assertIsInstance(app.lost.value, ConnectionDone)
+
+    def test_loseWriteConnection(self) -> None:
+        """
+        C{loseWriteConnection} sends close_notify and still delivers what the
+        client sends after it.
+        """
+        client, app = self.connect()
+        app.echo = False
+        app.transport.loseWriteConnection()  # type: ignore[union-attr]
+        self.assertEqual(self.receive(client, 1), b"")
+        client.sendall(b"late")
+        self.real.spin(lambda: app.received == b"late")
+        self.assertIsNone(app.lost)
+
+    def test_clientCloseNotify(self) -> None:
+        """
+        The client's close_notify is answered with the server's, and the
+        connection closes cleanly.
+        """
+        client, app = self.connect()
+        self.real.spin(lambda: _step(client.unwrap) is not None)
+        self.real.spin(lambda: app.lost is not None)
+        assert app.lost is not None
+        self.assertIsInstance(app.lost.value, ConnectionDone)
+
+    def test_truncated(self) -> None:
+        """
+        A client that closes TCP without close_notify: what it sent first is
+        delivered, and (with C{OP_IGNORE_UNEXPECTED_EOF}, as nginx sets it) the
+        close is a clean one.
+        """
+        client, app = self.connect()
+        client.sendall(b"last")
+        client.close()
+        self.real.spin(lambda: app.lost is not None)
+        assert app.lost is not None
+        self.assertEqual(app.received, b"last")
+        self.assertIsInstance(app.lost.value, ConnectionDone)
+
+    def test_notTLS(self) -> None:
+        """
+        Bytes that are not TLS close that connection with the TLS error; the
+        port serves the next client.
+        """
+        plain = socket.create_connection(self.address, timeout=5)
+        self.addCleanup(plain.close)
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        self.real.spin(lambda: self.app.built and self.app.built[-1].lost is not None)
+        lost = self.app.built[-1].lost
+        assert lost is not None
+        self.assertIsInstance(lost.value, SSL.Error)
+        client, _ = self.connect()
+        client.sendall(b"still")
+        self.assertEqual(self.receive(client, 5), b"still")
+
+    def test_handshakeTimeout(self) -> None:
+        """
+        A client that does not finish its handshake in time is aborted, and
+        the transport says it timed out.
+        """
+        _, app = self.connect(handshake=False)
+        with capturedLogs() as events:
+            self.clock.advance(31)
+        self.assertTrue(app.transport.timedOut)  # type: ignore[union-attr]
+        self.assertIn("timed out", events[-1]["log_format"])
+        self.assertEqual(events[-1]["timeout"], 30.0)
+        self.real.spin(lambda: app.lost is not None)
+        assert app.lost is not None
+        self.assertIsInstance(app.lost.value, error.ConnectionAborted)
+
+    def test_producers(self) -> None:
+        """
+        A streaming producer is registered (behind Twisted's membrane unless it
+        is a socket transport), one at a time; a close waits for it to be
+        unregistered before close_notify.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        self.assertIsNot(transport.producer, producer)
+        self.assertRaises(RuntimeError, transport.registerProducer, _Producer(), True)
+        transport.producer.pauseProducing()
+        transport.producer.pauseProducing()
+        self.assertEqual(producer.calls, ["pause"])
+        transport.loseConnection()
+        self.assertTrue(transport.tlsClosing)
+        transport.write(b"while producing")
+        self.assertEqual(self.receive(client, 15), b"while producing")
+        transport.unregisterProducer()
+        self.assertIsNone(transport.producer)
+        self.assertEqual(self.receive(client, 1), b"")
+        upstream = RelayServer(
+            socket.socket(),
+            Protocol(),
+            ("127.0.0.1", 1),
+            self.port,
+            0,
+            self.real.reactor,
+        )
+        self.addCleanup(upstream.socket.close)
+        self.addCleanup(self.real.reactor.removeReader, upstream)
+        _, otherApp = self.connect()
+        otherTransport: Any = otherApp.transport
+        otherTransport.registerProducer(upstream, True)
+        self.assertIs(otherTransport.producer, upstream)
+
+    def test_otherProtocols(self) -> None:
+        """
+        A factory whose protocol is not L{HandshakeTimeoutTLSProtocol} keeps
+        the TLS layer over a L{RelayServer}.
+        """
+
+        class Own(HandshakeTimeoutTLSProtocol):
+            pass
+
+        self.factory.protocol = Own
+        client, app = self.connect()
+        self.assertIsInstance(app.transport, Own)
+        client.sendall(b"layered")
+        self.assertEqual(self.receive(client, 7), b"layered")
+
+
+def _step(action: Any) -> Any:
+    """
+    C{action()}, or L{None} if the non-blocking TLS socket would block.
+    """
+    try:
+        result = action()
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return None
+    return True if result is None else result

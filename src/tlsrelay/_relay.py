@@ -51,7 +51,7 @@ from zope.interface import implementer
 from tlsrelay._accesslog import AccessLogWriter
 from tlsrelay._config._model import Proxy
 from tlsrelay._log import Logger, levels
-from tlsrelay._tlsfactory import Deadlines, HandshakeTimeoutTLSProtocol, writeThrough
+from tlsrelay._tlsfactory import Deadlines, writeThrough
 from tlsrelay._variables import (
     STATUS_BAD_GATEWAY,
     STATUS_BAD_REQUEST,
@@ -566,10 +566,7 @@ class RelayProtocol(Protocol):
             # certificate; no protocol, cipher or session was agreed.
             fields = self.relayFactory.tlsFields & _FAILED_HANDSHAKE_FIELDS
             session.tls = extractTLSFacts(handle, fields)
-        if (
-            isinstance(self.transport, HandshakeTimeoutTLSProtocol)
-            and self.transport.timedOut
-        ):
+        if getattr(self.transport, "timedOut", False):
             # ssl_handshake_timeout: the TLS layer aborted, and logged it.
             session.status = STATUS_BAD_REQUEST
             return

@@ -9,19 +9,21 @@ so idle or half-open clients cannot hold connections forever.  Bytes that are
 not TLS make the TLS layer close that one connection; the factory keeps serving.
 
 Its protocol, L{FastTLSProtocol}, is Twisted's L{TLSMemoryBIOProtocol} with the
-per-connection and per-byte paths made cheaper (docs/performance.md measures
-each): encrypted bytes are sent on the socket at once when nothing is queued
-(L{writeThrough}) instead of waiting for the reactor's next writable event;
-records are written, read and flushed with pyOpenSSL's own C{lib} calls through
-one scratch buffer, with no exception per empty read; no per-write timer for
-Twisted's small-write aggregation (the relay writes what one read gave, once);
-fresh memory BIOs once the handshake is done.  Everything else (shutdown,
-producers, errors) is Twisted's own code.
+per-connection and per-byte paths made cheaper (L{_TLSEngine}; docs/performance.md
+measures each): encrypted bytes are sent on the socket at once when nothing is
+queued (L{writeThrough}) instead of waiting for the reactor's next writable
+event; records are written, read and flushed with pyOpenSSL's own C{lib} calls
+through one scratch buffer, with no exception per empty read; no per-write timer
+for Twisted's small-write aggregation (the relay writes what one read gave,
+once); fresh memory BIOs once the handshake is done.  Producers and the
+application's side of shutdown are Twisted's own code.
 
 Under it, on a POSIX reactor, L{adoptStreamPort} gives listening sockets a
 L{RelayPort}, whose connections (L{RelayServer}) read more per call and close
 without a round trip through the poller (L{LeanSocketMixin}); the pool's
-upstream connections use the same mixin.
+upstream connections use the same mixin.  For a L{TLSServerFactory}, the port
+builds L{TLSServerConnection}s instead: the socket transport and the TLS layer
+in one object (the same L{_TLSEngine}), under the application's protocol.
 """
 
 from __future__ import annotations
@@ -35,25 +37,35 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
 from twisted.internet import main, tcp
+from twisted.internet._producer_helpers import _PullToPush
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
+    INegotiated,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IReactorFDSet,
     IReactorTime,
+    ISSLTransport,
     ITransport,
 )
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.tcp import Connection as _SocketConnection
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import (
+    TLSMemoryBIOFactory,
+    TLSMemoryBIOProtocol,
+    _ProducerMembrane,
+    _representsEOF,
+)
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from tlsrelay._log import Logger
 from tlsrelay._reactor import callSoon
@@ -85,12 +97,15 @@ _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _WANTS_READ, _FAILED, _DONE = object(), object(), object()
 
 
-def writeThrough(transport: Any, data: Any) -> None:
+def writeThrough(
+    transport: Any, data: Any, queue: Callable[[Any, bytes], object] | None = None
+) -> None:
     """
     Write C{data} (bytes, or any buffer when C{transport} is a socket) to
     C{transport}: at once with C{send(2)} when it is a Twisted socket transport
     with nothing queued, else (or for what the socket did not take) through its
-    C{write}, which queues it for the reactor.
+    C{write}, which queues it for the reactor (or C{queue(transport, data)}:
+    L{TLSServerConnection} queues records with the socket's own C{write}).
 
     The result is what C{transport.write} alone would give, in the same order,
     without the round trip through the reactor (two C{epoll_ctl} calls, one
@@ -100,6 +115,7 @@ def writeThrough(transport: Any, data: Any) -> None:
     """
     if (
         isinstance(transport, _SocketConnection)
+        and (queue is not None or not isinstance(transport, TLSServerConnection))
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
         and transport.connected
@@ -113,7 +129,10 @@ def writeThrough(transport: Any, data: Any) -> None:
         if sent == len(data):
             return
         data = data[sent:]
-    transport.write(data if type(data) is bytes else bytes(data))
+    if queue is None:
+        transport.write(data if type(data) is bytes else bytes(data))
+    else:
+        queue(transport, data if type(data) is bytes else bytes(data))
 
 
 class _DoneFailure(Failure):
@@ -165,8 +184,15 @@ class LeanSocketMixin:
             return main.CONNECTION_LOST
         if not data:
             return main.CONNECTION_DONE
-        self.protocol.dataReceived(data)  # type: ignore[attr-defined]
+        self._readData(data)
         return None
+
+    def _readData(self, data: bytes) -> None:
+        """
+        Where what the socket gave goes: to the protocol (with TLS in the
+        transport, to the TLS engine).
+        """
+        self.protocol.dataReceived(data)  # type: ignore[attr-defined]
 
     def loseConnection(self) -> None:
         """
@@ -344,6 +370,14 @@ class RelayPort(tcp.Port):
             accept = this.socket._accept
             family = self.addressFamily
             factory = this.factory
+            # TLS in the transport itself, unless the factory's protocol is
+            # not the one TLSServerConnection stands for.
+            tls = (
+                factory
+                if isinstance(factory, TLSServerFactory)
+                and factory.protocol is HandshakeTimeoutTLSProtocol
+                else None
+            )
             reactor = self.reactor
             limit = self.numberAccepts
             accepted = 0
@@ -365,13 +399,26 @@ class RelayPort(tcp.Port):
                     )
                     addr = (host[0], *addr[1:])
                 peer = this._buildAddr(addr)
-                protocol = factory.buildProtocol(peer)
+                protocol = (
+                    factory if tls is None else tls.wrappedFactory
+                ).buildProtocol(peer)
                 if protocol is None:
                     skt.close()
                     continue
                 session = self.sessionno
                 self.sessionno = session + 1
-                transport = RelayServer(skt, protocol, addr, self, session, reactor)  # type: ignore[arg-type]
+                if tls is None:
+                    transport = RelayServer(skt, protocol, addr, self, session, reactor)  # type: ignore[arg-type]
+                else:
+                    transport = TLSServerConnection(
+                        skt,  # type: ignore[arg-type]
+                        protocol,
+                        addr,
+                        self,
+                        session,
+                        reactor,
+                    )
+                    transport.serveTLS(tls)
                 transport._peer = peer
                 protocol.makeConnection(transport)
             # Twisted's scaling of the accepts per call.
@@ -422,30 +469,50 @@ def _provideLike(protocol: object, transport: object) -> None:
         protocol.__provides__ = spec  # type: ignore[attr-defined]
 
 
-class FastTLSProtocol(TLSMemoryBIOProtocol):
+class _TLSEngine:
     """
-    L{TLSMemoryBIOProtocol} with cheaper hot paths (see the module docstring).
+    TLS over memory BIOs, on pyOpenSSL's own C{lib} calls: the record paths that
+    L{FastTLSProtocol} (a TLS layer over a transport) and L{TLSServerConnection}
+    (a socket transport with TLS in it) share.
 
-    A server-side factory (one with a true C{serverSide}) skips the handshake
-    step that Twisted takes before any byte arrived: a server has nothing to
-    say until the client's hello.
+    What Twisted's L{TLSMemoryBIOProtocol} does, with the same attributes, made
+    cheaper: encrypted bytes go to the socket at once when nothing is queued
+    (L{writeThrough}); records are written, read and flushed through one scratch
+    buffer, with no exception per empty read; fresh memory BIOs once the
+    handshake is done.
+
+    A class using it sets C{_tlsConnection}, C{_appSendBuffer},
+    C{wrappedProtocol} (the application) and C{_wire} (the socket transport the
+    records go to), and says how to close that transport (L{_closeWire}).
     """
 
-    def makeConnection(self, transport: ITransport) -> None:
-        factory = self.factory
-        self._tlsConnection = factory._creatorCallable(self)
-        self._appSendBuffer = []
-        _provideLike(self, transport)
-        # What TLSMemoryBIOProtocol.makeConnection does, without declaring the
-        # interfaces and registering twice through ProtocolWrapper.
-        Protocol.makeConnection(self, transport)
-        factory.registerProtocol(self)
-        if self._connectWrapped:
-            self.wrappedProtocol.makeConnection(self)
-        if not getattr(factory, "serverSide", False):
-            self._checkHandshakeStatus()
+    _tlsConnection: Any
+    _appSendBuffer: list[bytes]
+    wrappedProtocol: Any
+    _wire: Any
+    _queue: Callable[[Any, bytes], object] | None = None
+    """
+    How records the socket did not take at once are queued (L{writeThrough}'s
+    C{queue}): by default, the wire's own C{write}.
+    """
 
-    def dataReceived(self, data: bytes) -> None:
+    _reason: Failure | None = None
+    _handshakeDone = False
+    _lostTLSConnection = False
+    _producer: Any = None
+    _aborted = False
+
+    def _closeWire(self) -> None:
+        """
+        Close the socket transport, after what is queued on it.
+        """
+        raise NotImplementedError()
+
+    def _received(self, data: bytes) -> None:
+        """
+        Encrypted bytes arrived: advance the handshake, deliver what they
+        decrypt to.
+        """
         connection = self._tlsConnection
         if connection is None:
             return
@@ -454,49 +521,50 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                 connection.bio_write(data)  # raises what pyOpenSSL raises
         if self._handshakeDone:
             if self._appSendBuffer:
-                self._unbufferPendingWrites()  # type: ignore[no-untyped-call]
+                self._unbufferPendingWrites()
             self._flushReceiveBIO()
             return
         self._checkHandshakeStatus()
         if not self._handshakeDone:
             return
         if self._appSendBuffer:
-            self._unbufferPendingWrites()  # type: ignore[no-untyped-call]
+            self._unbufferPendingWrites()
         self._flushReceiveBIO()
         self._handshakeFinished()
 
-    # The transport's, as ProtocolWrapper's __getattr__ would find them, without
-    # the lookup through it.
-
-    def pauseProducing(self) -> None:
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-
-    def resumeProducing(self) -> None:
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+    def _unbufferPendingWrites(self) -> None:
+        raise NotImplementedError()
 
     def _checkHandshakeStatus(self) -> None:
         # Twisted's, with SSL_do_handshake called directly: no exception for
         # the "want more bytes" that all but the last step of a handshake end
         # with.  Anything else goes through pyOpenSSL's error handling; a
         # connection class with a do_handshake of its own keeps it.
-        connection = self._tlsConnection
-        if type(connection) is not Connection:
-            TLSMemoryBIOProtocol._checkHandshakeStatus(self)  # type: ignore[no-untyped-call]
-            return
         if self._aborted:
             return
-        ssl = connection._ssl
-        result = _lib.SSL_do_handshake(ssl)
-        if result <= 0 or not _quiet(connection):
-            if (
-                result <= 0
-                and _lib.SSL_get_error(ssl, result) == _WANT_READ
-                and _quiet(connection)
-            ):
+        connection = self._tlsConnection
+        if type(connection) is not Connection:
+            try:
+                connection.do_handshake()
+            except WantReadError:
                 self._flushSendBIO()
                 return
-            if self._sslOutcome(connection, ssl, result) is not _DONE:
+            except Error:
+                self._tlsShutdownFinished(Failure())
                 return
+        else:
+            ssl = connection._ssl
+            result = _lib.SSL_do_handshake(ssl)
+            if result <= 0 or not _quiet(connection):
+                if (
+                    result <= 0
+                    and _lib.SSL_get_error(ssl, result) == _WANT_READ
+                    and _quiet(connection)
+                ):
+                    self._flushSendBIO()
+                    return
+                if self._sslOutcome(connection, ssl, result) is not _DONE:
+                    return
         self._handshakeDone = True
         wrapped = self.wrappedProtocol
         if IHandshakeListener.providedBy(wrapped):
@@ -516,12 +584,12 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         if connection is None:
             return
         bio = connection._from_ssl
-        transport = self.transport
+        wire, queue = self._wire, self._queue
         while True:
             size = _lib.BIO_read(bio, _outgoing, _SCRATCH)
             if size <= 0:
                 return
-            writeThrough(transport, _outgoingView[:size])
+            writeThrough(wire, _outgoingView[:size], queue)
             if size < _SCRATCH:
                 return
 
@@ -565,37 +633,69 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             if received:
                 self._deliver(received)
             if closed:
-                self._shutdownTLS()  # type: ignore[no-untyped-call]
-                self._tlsShutdownFinished(None)  # type: ignore[no-untyped-call]
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
             elif problem is not None:
-                self._tlsShutdownFinished(problem)  # type: ignore[no-untyped-call]
+                self._tlsShutdownFinished(problem)
             break
         self._flushSendBIO()
 
     def _shutdownTLS(self) -> None:
-        # Twisted's, with SSL_shutdown called directly (pyOpenSSL's wrapper,
-        # twice per connection, only for the error case).
+        """
+        Send close_notify (or answer the peer's); once both sides have, close
+        the socket transport.
+        """
         connection = self._tlsConnection
         if type(connection) is not Connection:
-            TLSMemoryBIOProtocol._shutdownTLS(self)  # type: ignore[no-untyped-call]
-            return
-        ssl = connection._ssl
-        result = _lib.SSL_shutdown(ssl)
-        if result < 0:
-            # Mid-handshake, or failed: not done, with OpenSSL's error queue
-            # emptied as pyOpenSSL empties it.
             try:
-                connection._raise_ssl_error(ssl, result)
+                done = connection.shutdown()
             except Error:
-                pass
+                done = False
+        else:
+            # SSL_shutdown called directly (pyOpenSSL's wrapper raises for the
+            # error case only).
+            ssl = connection._ssl
+            result = _lib.SSL_shutdown(ssl)
+            if result < 0:
+                # Mid-handshake, or failed: not done, with OpenSSL's error
+                # queue emptied as pyOpenSSL empties it.
+                try:
+                    connection._raise_ssl_error(ssl, result)
+                except Error:
+                    pass
+            done = result > 0
         self._flushSendBIO()
-        if result > 0:
+        if done:
             # Both sides have shut down (or the handshake never started).
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self._closeWire()
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        """
+        The TLS connection is over (C{reason}: why, or L{None} for the peer's
+        close_notify): send what is left, such as an alert, and close the
+        socket transport.
+        """
+        if reason is not None and _representsEOF(reason.value):  # type: ignore[arg-type]
+            # An end of stream without close_notify, as Twisted names it.
+            reason = Failure(main.CONNECTION_LOST)  # type: ignore[no-untyped-call]
+        if self._reason is None:
+            self._reason = reason
+        self._lostTLSConnection = True
+        self._flushSendBIO()
+        self._closeWire()
 
     def _deliver(self, size: int) -> None:
         if not self._aborted:
             self.wrappedProtocol.dataReceived(_ffi.buffer(_received, size)[:])
+
+    def _bufferedWrite(self, data: bytes) -> None:
+        """
+        Keep C{data} until the handshake (or a read OpenSSL asked for) is
+        done, and pause the producer meanwhile.
+        """
+        self._appSendBuffer.append(data)
+        if self._producer is not None:
+            self._producer.pauseProducing()
 
     def _write(self, data: bytes) -> None:
         connection = self._tlsConnection
@@ -603,8 +703,8 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             return
         if self._appSendBuffer or not self._handshakeDone:
             # Waiting for the handshake (or for a read OpenSSL asked for):
-            # Twisted's path buffers in order.
-            TLSMemoryBIOProtocol._write(self, data)  # type: ignore[no-untyped-call]
+            # kept in order.
+            self._bufferedWrite(data)
             return
         ssl = connection._ssl
         total = len(data)
@@ -622,7 +722,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         # What Twisted's _write does when pyOpenSSL's send raises.
         outcome = self._sslOutcome(connection, ssl, result)
         if outcome is _WANTS_READ:
-            self._bufferedWrite(data[sent:])  # type: ignore[no-untyped-call]
+            self._bufferedWrite(data[sent:])
         elif outcome is _DONE:
             self._flushSendBIO()
 
@@ -638,9 +738,56 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             return _WANTS_READ
         except Error:
-            self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+            self._tlsShutdownFinished(Failure())
             return _FAILED
         return _DONE
+
+
+class FastTLSProtocol(_TLSEngine, TLSMemoryBIOProtocol):  # type: ignore[misc]
+    """
+    L{TLSMemoryBIOProtocol} with L{_TLSEngine}'s cheaper record paths, over
+    any transport.
+
+    A server-side factory (one with a true C{serverSide}) skips the handshake
+    step that Twisted takes before any byte arrived: a server has nothing to
+    say until the client's hello.
+    """
+
+    def makeConnection(self, transport: ITransport) -> None:
+        factory = self.factory
+        self._tlsConnection = factory._creatorCallable(self)
+        self._appSendBuffer = []
+        self._wire = transport
+        _provideLike(self, transport)
+        # What TLSMemoryBIOProtocol.makeConnection does, without declaring the
+        # interfaces and registering twice through ProtocolWrapper.
+        Protocol.makeConnection(self, transport)
+        factory.registerProtocol(self)
+        if self._connectWrapped:
+            self.wrappedProtocol.makeConnection(self)
+        if not getattr(factory, "serverSide", False):
+            self._checkHandshakeStatus()
+
+    dataReceived = _TLSEngine._received
+
+    def _closeWire(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _unbufferPendingWrites(self) -> None:
+        TLSMemoryBIOProtocol._unbufferPendingWrites(self)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        TLSMemoryBIOProtocol.connectionLost(self, reason)  # type: ignore[no-untyped-call]
+        self._wire = None
+
+    # The transport's, as ProtocolWrapper's __getattr__ would find them, without
+    # the lookup through it.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
 
 
 def _renewBIOs(connection: Any) -> None:
@@ -713,14 +860,8 @@ class HandshakeTimeoutTLSProtocol(FastTLSProtocol):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _handshakeTimedOut(self) -> None:
-        self.timedOut = True
         assert self.transport is not None
-        log.info(
-            "TLS handshake with {peer} timed out after {timeout}s",
-            peer=describePeer(self.transport.getPeer()),
-            timeout=self.factory.handshakeTimeout,
-        )
-        self.abortConnection()  # type: ignore[no-untyped-call]
+        _abortTimedOut(self, self.transport.getPeer(), self.factory)
 
     def _cancelHandshakeTimer(self) -> None:
         deadlines = self.factory.handshakeDeadlines
@@ -765,7 +906,7 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         super().__init__(contextFactory, False, wrappedFactory, clock)
         self.handshakeTimeout = handshakeTimeout
         self.clock = clock
-        self.handshakeDeadlines: Deadlines[HandshakeTimeoutTLSProtocol] | None = (
+        self.handshakeDeadlines: Deadlines[_Handshaking] | None = (
             None
             if handshakeTimeout is None
             else Deadlines(clock, handshakeTimeout, _timedOut)
@@ -778,8 +919,235 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         )
 
 
-def _timedOut(protocol: HandshakeTimeoutTLSProtocol) -> None:
-    protocol._handshakeTimedOut()
+@implementer(ISSLTransport, INegotiated)
+class TLSServerConnection(_TLSEngine, RelayServer):
+    """
+    An accepted TCP connection with TLS in it (server side): what a
+    L{RelayServer} under a L{HandshakeTimeoutTLSProtocol} does, in one object.
+
+    L{RelayPort} builds these for a L{TLSServerFactory}: its application
+    protocol is connected to this transport directly, and each event is one
+    call less deep than through the TLS layer (the socket's read is the TLS
+    layer's input; records go out with C{send(2)}).  To the application it is
+    the TLS transport Twisted's layer is (C{write}, C{loseConnection} with
+    close_notify, C{abortConnection}, producers, C{getHandle},
+    C{getPeerCertificate}, C{negotiatedProtocol}, C{handshakeCompleted} for an
+    L{IHandshakeListener}), plus the TCP transport's own (C{getPeer},
+    C{getHost}, C{setTcpNoDelay}, C{pauseProducing} and C{resumeProducing} of
+    its reads).
+
+    What differs from the two layers: C{disconnecting} is the socket's (the TLS
+    layer's own is C{tlsClosing}); C{loseWriteConnection} sends close_notify and
+    reads on (a TLS connection cannot be half-closed below TLS); a peer's TCP
+    end of stream ends the connection (TLS ends with close_notify).
+
+    @ivar tlsFactory: the factory whose handshake timeout applies.
+    @ivar timedOut: the handshake timed out and the connection was aborted (this
+        was logged here), as L{HandshakeTimeoutTLSProtocol.timedOut}.
+    @ivar tlsClosing: C{loseConnection} or C{abortConnection} was called.
+    """
+
+    timedOut = False
+    tlsClosing = False
+    _queue = staticmethod(FileDescriptor.write)  # type: ignore[assignment]
+
+    tlsFactory: TLSServerFactory
+
+    def serveTLS(self, tlsFactory: TLSServerFactory) -> None:
+        """
+        Serve TLS as C{tlsFactory} says, before the application is connected.
+        """
+        self.tlsFactory = tlsFactory
+        self.wrappedProtocol = self.protocol
+        self._wire = self
+        self._appSendBuffer = []
+        self._tlsConnection = tlsFactory._creatorCallable(self)  # type: ignore[arg-type]
+        deadlines = tlsFactory.handshakeDeadlines
+        if deadlines is not None:
+            deadlines.add(self)
+
+    # --- the socket's events --------------------------------------------------------
+
+    _readData = _TLSEngine._received
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        # The peer's TCP end of stream: the end of the TLS connection (after
+        # what is left to decrypt), as under Twisted's TLS layer.
+        self.connectionLost(reason)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The socket is closed: tell the application, with what ended TLS if it
+        ended first (as L{TLSMemoryBIOProtocol.connectionLost}).
+        """
+        if not hasattr(self, "socket"):
+            return
+        deadlines = self.tlsFactory.handshakeDeadlines
+        if deadlines is not None:
+            deadlines.discard(self)
+        FileDescriptor.connectionLost(self, reason)
+        self._closeSocket(not reason.check(ConnectionAborted))  # type: ignore[no-untyped-call]
+        if not self._lostTLSConnection:
+            # What OpenSSL still holds is decrypted and delivered; a stream
+            # that ended without close_notify is a lost connection.
+            self._tlsConnection.bio_shutdown()
+            self._flushReceiveBIO()
+            self._lostTLSConnection = True
+        reason = self._reason or reason
+        self._reason = None
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        self.wrappedProtocol = self._wire = None
+        try:
+            protocol.connectionLost(reason)
+        finally:
+            self._tlsConnection = None
+
+    def _closeWire(self) -> None:
+        if self.connected:
+            RelayServer.loseConnection(self)
+
+    # --- the application's transport ------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.tlsClosing and self._producer is None:
+            return
+        self._write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+    def loseConnection(self) -> None:
+        """
+        Send close_notify once what was written is sent (and the producer, if
+        any, is unregistered); close when the peer answers with its own.
+        Before the handshake is done, abort.
+        """
+        if self.tlsClosing or not self.connected:
+            return
+        if not self._handshakeDone and not self._appSendBuffer:
+            self.abortConnection()
+        self.tlsClosing = True
+        if not self._appSendBuffer and self._producer is None:
+            self._shutdownTLS()
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send no more: close_notify, reading on until the peer's.
+        """
+        self.loseConnection()
+
+    def abortConnection(self) -> None:
+        """
+        Close now, dropping what is queued (after an attempt at close_notify).
+        """
+        self._aborted = True
+        self.tlsClosing = True
+        self._shutdownTLS()
+        tcp._AbortingMixin.abortConnection(self)  # type: ignore[no-untyped-call]
+
+    def _unbufferPendingWrites(self) -> None:
+        # Twisted's, with tlsClosing for the TLS layer's disconnecting.
+        pending, self._appSendBuffer = self._appSendBuffer, []
+        for data in pending:
+            self._write(data)
+        if self._appSendBuffer:
+            return
+        if self._producer is not None:
+            self._producer.resumeProducing()
+        elif self.tlsClosing:
+            self._shutdownTLS()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        As on Twisted's TLS layer: paused while the socket's queue is full (or
+        the handshake is not done); a pull producer is driven by a
+        C{_PullToPush}.  A socket transport (whose pause and resume can be
+        repeated) is registered as it is; other producers behind the membrane
+        that makes repeated pauses one.
+        """
+        if self._lostTLSConnection:
+            producer.stopProducing()
+            return
+        if self.producer is not None:
+            raise RuntimeError(
+                f"Cannot register producer {producer!r}, because producer "
+                f"{self.producer!r} was never unregistered."
+            )
+        pull = None
+        if not streaming:
+            producer = pull = _PullToPush(producer, self)  # type: ignore[no-untyped-call]
+        if not isinstance(producer, FileDescriptor):
+            producer = _ProducerMembrane(producer)  # type: ignore[no-untyped-call]
+        self._producer = self.producer = producer
+        self.streamingProducer = True
+        if pull is not None:
+            pull.startStreaming()  # type: ignore[no-untyped-call]
+
+    def unregisterProducer(self) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        pull = getattr(producer, "_producer", None)
+        if isinstance(pull, _PullToPush):
+            pull.stopStreaming()  # type: ignore[no-untyped-call]
+        self._producer = self.producer = None
+        if self.connected and self.disconnecting:
+            self.startWriting()  # type: ignore[no-untyped-call]
+        if self.tlsClosing and not self._appSendBuffer:
+            self._shutdownTLS()
+
+    def getHandle(self) -> Any:
+        """
+        The C{OpenSSL.SSL.Connection} (as Twisted's TLS layer answers).
+        """
+        return self._tlsConnection
+
+    def getPeerCertificate(self) -> Any:
+        return self._tlsConnection.get_peer_certificate()
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        connection = self._tlsConnection
+        if connection is None:
+            return None
+        protocol: bytes | None = connection.get_alpn_proto_negotiated()
+        return protocol or None
+
+    # --- the handshake timeout ------------------------------------------------------
+
+    def _handshakeFinished(self) -> None:
+        deadlines = self.tlsFactory.handshakeDeadlines
+        if deadlines is not None:
+            deadlines.discard(self)
+        _TLSEngine._handshakeFinished(self)
+
+    def _handshakeTimedOut(self) -> None:
+        _abortTimedOut(self, self.getPeer(), self.tlsFactory)
+
+
+_Handshaking = HandshakeTimeoutTLSProtocol | TLSServerConnection
+
+
+def _timedOut(connection: _Handshaking) -> None:
+    connection._handshakeTimedOut()
+
+
+def _abortTimedOut(
+    connection: _Handshaking, peer: Any, factory: TLSServerFactory
+) -> None:
+    """
+    C{connection}'s handshake timed out: say so, and abort it.
+    """
+    connection.timedOut = True
+    log.info(
+        "TLS handshake with {peer} timed out after {timeout}s",
+        peer=describePeer(peer),
+        timeout=factory.handshakeTimeout,
+    )
+    connection.abortConnection()
 
 
 _T = TypeVar("_T")
