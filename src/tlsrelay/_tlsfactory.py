@@ -69,6 +69,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from tlsrelay._log import Logger
 from tlsrelay._reactor import callSoon
+from tlsrelay._tls import ServerContextFactory
 from tlsrelay._variables import describePeer
 
 log = Logger()
@@ -879,6 +880,9 @@ class TLSServerFactory(TLSMemoryBIOFactory):
     @ivar clock: the clock for the handshake timers.
     @ivar handshakeDeadlines: the connections still handshaking, timed
         together (L{None} without a timeout).
+    @ivar serverContext: with tlsrelay's own L{ServerContextFactory}, its
+        context, from which a L{TLSServerConnection} makes its TLS connection
+        directly; L{None} with any other creator (its own method is called).
     """
 
     protocol = HandshakeTimeoutTLSProtocol
@@ -904,6 +908,11 @@ class TLSServerFactory(TLSMemoryBIOFactory):
                 f"handshakeTimeout must not be negative: {handshakeTimeout}"
             )
         super().__init__(contextFactory, False, wrappedFactory, clock)
+        self.serverContext: Any = (
+            contextFactory.context
+            if type(contextFactory) is ServerContextFactory
+            else None
+        )
         self.handshakeTimeout = handshakeTimeout
         self.clock = clock
         self.handshakeDeadlines: Deadlines[_Handshaking] | None = (
@@ -961,7 +970,16 @@ class TLSServerConnection(_TLSEngine, RelayServer):
         self.wrappedProtocol = self.protocol
         self._wire = self
         self._appSendBuffer = []
-        self._tlsConnection = tlsFactory._creatorCallable(self)  # type: ignore[arg-type]
+        context = tlsFactory.serverContext
+        if context is None:
+            self._tlsConnection = tlsFactory._creatorCallable(self)  # type: ignore[arg-type]
+        else:
+            # What Twisted's connection factory does for tlsrelay's own
+            # creator, without the calls through it (and without the
+            # application data, which only Twisted's client-side callbacks
+            # read).
+            connection = self._tlsConnection = Connection(context, None)
+            _lib.SSL_set_accept_state(connection._ssl)
         deadlines = tlsFactory.handshakeDeadlines
         if deadlines is not None:
             deadlines.add(self)
@@ -1006,7 +1024,7 @@ class TLSServerConnection(_TLSEngine, RelayServer):
             self._tlsConnection = None
 
     def _closeWire(self) -> None:
-        if self.connected:
+        if self.connected and not self.disconnecting:
             RelayServer.loseConnection(self)
 
     # --- the application's transport ------------------------------------------------
@@ -1122,7 +1140,8 @@ class TLSServerConnection(_TLSEngine, RelayServer):
         deadlines = self.tlsFactory.handshakeDeadlines
         if deadlines is not None:
             deadlines.discard(self)
-        _TLSEngine._handshakeFinished(self)
+        if not self._lostTLSConnection:
+            _renewBIOs(self._tlsConnection)
 
     def _handshakeTimedOut(self) -> None:
         _abortTimedOut(self, self.getPeer(), self.tlsFactory)
