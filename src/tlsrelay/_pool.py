@@ -980,11 +980,13 @@ class _Dial:
         self.result: Deferred[IProtocol] | None = (
             Deferred(self._cancel) if listener is None else None
         )
-        self._deadlines = deadlines
+        self._deadlines = None
         self.transport = transport = _UpstreamClient(target, self, reactor)
         if transport.connectedAtOnce:
+            # Never timed.
             transport.doConnect()
         elif deadlines is not None and not self.settled:
+            self._deadlines = deadlines
             deadlines.add(self)
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
@@ -1148,7 +1150,18 @@ class _UpstreamClient(LeanSocketMixin, tcp.Client):
             self.stopWriting()  # type: ignore[no-untyped-call]
         del self.doWrite
         del self.doRead
-        self._connectDone()  # type: ignore[no-untyped-call]
+        # What tcp.BaseClient._connectDone does, with the dial's factory
+        # asked directly.
+        protocol = self.protocol = self.connector.factory.buildProtocol(self.getPeer())
+        self.connected = 1
+        self.logstr = f"{self._getLogPrefix(protocol)},client"
+        if protocol is None:
+            # As Twisted: a stand-in protocol, and the connection dropped.
+            self.protocol = Protocol()
+            self.loseConnection()
+        else:
+            self.startReading()  # type: ignore[no-untyped-call]
+            protocol.makeConnection(self)
         protocol = self.protocol
         if self.connected and protocol is not None:
             # Let the attempt (and what it holds) go.

@@ -283,9 +283,10 @@ class _Leg:
         """
         Send no more, after what is buffered, and keep reading.
 
-        TLS: close_notify (C{TLSMemoryBIOProtocol.loseConnection} reads on until
-        the peer's close_notify).  TCP: C{shutdown(SHUT_WR)}.  Anything else:
-        close.
+        TLS: close_notify (C{TLSMemoryBIOProtocol.loseConnection}, and a
+        L{tlsrelay._tlsfactory.TLSServerConnection}'s C{loseWriteConnection},
+        read on until the peer's close_notify).  TCP: C{shutdown(SHUT_WR)}.
+        Anything else: close.
         """
         if self.lost or self.closing or self.writeClosed:
             return
