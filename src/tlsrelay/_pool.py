@@ -989,9 +989,6 @@ class _Dial:
             self._deadlines = deadlines
             deadlines.add(self)
 
-    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        return self.factory.buildProtocol(addr)
-
     def connected(self, protocol: IProtocol) -> None:
         self._settle(protocol)
 
