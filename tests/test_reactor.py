@@ -16,7 +16,13 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests._realreactor import RealReactor
-from tlsrelay._reactor import callSoon, leanMainLoop, leanRegistration, tuneReactor
+from tlsrelay._reactor import (
+    callSoon,
+    forget,
+    leanMainLoop,
+    leanRegistration,
+    tuneReactor,
+)
 
 
 class Descriptor:
@@ -119,6 +125,48 @@ class LeanRegistrationTests(SynchronousTestCase):
         reactor.removeWriter(descriptor)
         self.assertFalse(polling.isReading(descriptor))
         self.assertFalse(polling.isWriting(descriptor))
+
+    def test_forget(self) -> None:
+        """
+        C{forget} removes a descriptor for reading and writing at once
+        (whichever it was registered for, or none), on the tuned reactor as on
+        any other; on the tuned one with a single call, also for one that is
+        polled continuously or whose descriptor is gone.
+        """
+        handle, path = tempfile.mkstemp()
+        self.addCleanup(os.unlink, path)
+        self.addCleanup(os.close, handle)
+        other = RealReactor(self).reactor
+        for reactor, tuned in ((self.reactor, True), (other, False)):
+            self.assertEqual(hasattr(reactor, "forget"), tuned)
+            for reading, writing in ((1, 1), (1, 0), (0, 1), (0, 0)):
+                descriptor = Descriptor(self.ours.fileno())
+                if reading:
+                    reactor.addReader(descriptor)
+                if writing:
+                    reactor.addWriter(descriptor)
+                forget(reactor, descriptor)
+                self.assertNotIn(descriptor, reactor.getReaders())
+                self.assertNotIn(descriptor, reactor.getWriters())
+                self.assertNotIn(descriptor.fd, reactor._selectables)
+                # Unregistered from epoll too: registering again works.
+                reactor.addWriter(descriptor)
+                reactor.doIteration(0.5)
+                self.assertEqual(descriptor.writes, 1)
+                forget(reactor, descriptor)
+            polled = Descriptor(handle)
+            reactor.addReader(polled)
+            reactor.addWriter(polled)
+            forget(reactor, polled)
+            self.assertFalse(reactor._continuousPolling.isReading(polled))
+            self.assertFalse(reactor._continuousPolling.isWriting(polled))
+            gone = Descriptor(self.ours.fileno())
+            reactor.addReader(gone)
+            reactor.addWriter(gone)
+            gone.fd = -1
+            forget(reactor, gone)
+            self.assertEqual(reactor.getReaders(), [reactor.waker])
+            self.assertEqual(reactor.getWriters(), [])
 
     def test_descriptorGone(self) -> None:
         """

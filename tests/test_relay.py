@@ -59,6 +59,7 @@ from tlsrelay._relay import (
     UpstreamListener,
     WorkerConnections,
     _isClientCertificateFailure,
+    _UpstreamFactory,
     _UpstreamProtocol,
 )
 from tlsrelay._tls import _verifyOptionalNoCA, _verifyStandard
@@ -416,7 +417,20 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IProtocol, relay))
         self.assertTrue(verifyObject(IHandshakeListener, relay))
         self.assertTrue(verifyObject(IHalfCloseableProtocol, relay))
-        upstream = _UpstreamProtocol(relay)
+        upstream = _UpstreamFactory(relay).buildProtocol(None)
+        self.assertTrue(verifyObject(IProtocol, upstream))
+        # Without proxy_half_close, the upstream's end of stream closes its
+        # connection: not half-closeable.
+        self.assertFalse(IHalfCloseableProtocol.providedBy(upstream))
+        halfClosing = RelayFactory(
+            connectUpstream=FakePool().connect,
+            proxy=Proxy(halfClose=True),
+            tls=True,
+            clock=Clock(),
+            now=lambda: 0.0,
+            connections=WorkerConnections(),
+        ).buildProtocol(CLIENT)
+        upstream = _UpstreamFactory(halfClosing).buildProtocol(None)
         self.assertTrue(verifyObject(IProtocol, upstream))
         self.assertTrue(verifyObject(IHalfCloseableProtocol, upstream))
         self.assertTrue(verifyObject(ITCPTransport, TCPTransport()))

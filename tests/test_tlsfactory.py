@@ -847,6 +847,30 @@ class TLSServerConnectionTests(SynchronousTestCase):
         assert app.lost is not None
         self.assertIsInstance(app.lost.value, ConnectionDone)
 
+    def test_closedWhenRead(self) -> None:
+        """
+        The close_notify that completes the shutdown closes the connection in
+        the reactor turn that reads it (with nothing left to send), not on a
+        later one; the socket is unregistered and closed, and the application
+        hears a clean close.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        app.transport.loseConnection()  # type: ignore[union-attr]
+        self.assertEqual(self.receive(client, 1), b"")
+        self.assertIsNone(app.lost)
+        raw = client.unwrap()
+        self.addCleanup(raw.close)
+        reactor = self.real.reactor
+        # One turn: the close_notify is on loopback already.
+        reactor.doIteration(5.0)
+        assert app.lost is not None
+        self.assertIsInstance(app.lost.value, ConnectionDone)
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertFalse(hasattr(transport, "socket"))
+        self.assertEqual(raw.recv(1), b"")
+
     def test_truncated(self) -> None:
         """
         A client that closes TCP without close_notify: what it sent first is

@@ -1075,11 +1075,22 @@ def _connect(skt: socket.SocketType, address: Any) -> int:
         return int(e.args[0])
 
 
+class _LeanConnection:
+    """
+    What C{tcp.BaseClient.connectionLost} calls for a connected
+    L{_UpstreamClient}: L{LeanSocketMixin}'s C{tcp.Connection.connectionLost}.
+    """
+
+    connectionLost = LeanSocketMixin._connectionLost
+
+
 class _UpstreamClient(LeanSocketMixin, tcp.Client):
     """
     The socket transport of a L{_Dial}: connects at once, and hands its
     protocol over when connected; reads and closes as L{LeanSocketMixin} does.
     """
+
+    _commonConnection = _LeanConnection  # type: ignore[assignment]
 
     connectedAtOnce = False
     """

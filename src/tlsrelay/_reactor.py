@@ -153,7 +153,41 @@ def leanRegistration(reactor: Any) -> bool:
     reactor.addWriter = MethodType(_adder(False), reactor)  # type: ignore[method-assign]
     reactor.removeReader = MethodType(_remover(True), reactor)  # type: ignore[method-assign]
     reactor.removeWriter = MethodType(_remover(False), reactor)  # type: ignore[method-assign]
+    reactor.forget = MethodType(_forget, reactor)  # type: ignore[attr-defined]
     return True
+
+
+def forget(reactor: Any, xer: Any) -> None:
+    """
+    C{reactor.removeReader(xer)} and C{reactor.removeWriter(xer)}, in one
+    Python call on a reactor with L{leanRegistration}: a transport stops both
+    when it closes.
+    """
+    lean = getattr(reactor, "forget", None)
+    if lean is None:
+        reactor.removeReader(xer)
+        reactor.removeWriter(xer)
+    else:
+        lean(xer)
+
+
+def _forget(self: Any, xer: Any) -> None:
+    # removeReader and removeWriter of _remover, together.
+    polling = self._continuousPolling
+    fd = xer.fileno()
+    if fd == -1 or (
+        (polling._readers or polling._writers)
+        and (xer in polling._readers or xer in polling._writers)
+    ):
+        self.removeReader(xer)
+        self.removeWriter(xer)
+        return
+    reads, writes = self._reads, self._writes
+    if fd in reads or fd in writes:
+        reads.discard(fd)
+        writes.discard(fd)
+        del self._selectables[fd]
+        self._poller.unregister(fd)
 
 
 def _adder(read: bool) -> Callable[[Any, Any], None]:

@@ -303,12 +303,16 @@ class _Leg:
             self.transport.loseConnection()
 
 
-@implementer(IHalfCloseableProtocol)
 class _UpstreamProtocol(Protocol):
     """
     The upstream side: passes every event to its L{RelayProtocol}.
 
     Until the pool hands it over (C{adopted}), what arrives is held.
+
+    Without C{proxy_half_close} it is not half-closeable: the upstream's end
+    of stream ends the session, and its transport closes at once (as Twisted
+    closes a connection whose protocol cannot be half-closed) rather than
+    telling the relay, which would close it on the next reactor turn.
     """
 
     def __init__(self, relay: RelayProtocol) -> None:
@@ -333,6 +337,14 @@ class _UpstreamProtocol(Protocol):
         self.relay._upstreamLost(self, reason)
 
 
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseableUpstreamProtocol(_UpstreamProtocol):
+    """
+    The upstream side with C{proxy_half_close}: its end of stream is passed on
+    to the client, and the session goes on the other way.
+    """
+
+
 class _UpstreamFactory(Factory[_UpstreamProtocol]):
     """
     Builds the upstream side of one session (one protocol per attempt).
@@ -346,7 +358,10 @@ class _UpstreamFactory(Factory[_UpstreamProtocol]):
     def buildProtocol(self, addr: IAddress | None) -> _UpstreamProtocol:
         # No protocol.factory: nothing uses it, and it would keep this factory
         # alive with every idle session.
-        return _UpstreamProtocol(self.relay)
+        relay = self.relay
+        if relay.relayFactory.proxy.halfClose:
+            return _HalfCloseableUpstreamProtocol(relay)
+        return _UpstreamProtocol(relay)
 
 
 _ERR_LIB_SSL = 20

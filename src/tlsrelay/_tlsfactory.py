@@ -68,7 +68,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from tlsrelay._log import Logger
-from tlsrelay._reactor import callSoon
+from tlsrelay._reactor import callSoon, forget
 from tlsrelay._tls import ServerContextFactory
 from tlsrelay._variables import describePeer
 
@@ -176,6 +176,17 @@ class LeanSocketMixin:
     # and a client (say, one refused with 502 before its request was read)
     # may lose what was sent to it.
 
+    _reading = False
+    """
+    Whether the transport is handling what it just read (in C{doRead}).
+    """
+
+    _afterRead: Any = None
+    """
+    What C{doRead} returns once the data read is handled: the reactor then
+    disconnects the transport (see L{TLSServerConnection._closeWire}).
+    """
+
     def doRead(self) -> Any:
         try:
             data = self.socket.recv(self.readSize)  # type: ignore[attr-defined]
@@ -185,8 +196,12 @@ class LeanSocketMixin:
             return main.CONNECTION_LOST
         if not data:
             return main.CONNECTION_DONE
-        self._readData(data)
-        return None
+        self._reading = True
+        try:
+            self._readData(data)
+        finally:
+            self._reading = False
+        return self._afterRead
 
     def _readData(self, data: bytes) -> None:
         """
@@ -213,12 +228,43 @@ class LeanSocketMixin:
             and this.offset == len(this.dataBuffer)
             and not this.TLS
         ):
-            this.stopReading()
-            this.stopWriting()
+            forget(this.reactor, this)
             this.disconnecting = True
             _closeSoon(this.reactor, self)
             return
         super().loseConnection()  # type: ignore[misc]
+
+    def _stopSocket(self, reason: Failure) -> None:
+        """
+        What C{FileDescriptor.connectionLost} does (the producer stopped, the
+        reactor no longer watching), then the socket closed as
+        C{tcp.Connection.connectionLost} closes it.
+        """
+        this: Any = self
+        this.disconnected = 1
+        this.connected = 0
+        producer = this.producer
+        if producer is not None:
+            producer.stopProducing()
+            this.producer = None
+        forget(this.reactor, this)
+        this._closeSocket(not isinstance(reason.value, ConnectionAborted))
+
+    def _connectionLost(self, reason: Failure) -> None:
+        """
+        C{tcp.Connection.connectionLost}, with L{_stopSocket}.
+        """
+        this: Any = self
+        if not hasattr(this, "socket"):
+            # Twisted's guard against a second call (an abort from the
+            # protocol, then an exception reaching the reactor).
+            return
+        self._stopSocket(reason)
+        protocol = this.protocol
+        del this.protocol
+        del this.socket
+        del this.fileno
+        protocol.connectionLost(reason)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         # What Twisted's does (the TLS mixin's, then FileDescriptor's) for a
@@ -341,6 +387,8 @@ class RelayServer(LeanSocketMixin, tcp.Server):
         )
         self.startReading()  # type: ignore[no-untyped-call]
         self.connected = 1
+
+    connectionLost = LeanSocketMixin._connectionLost
 
     def getPeer(self) -> IPv4Address | IPv6Address:
         peer = self._peer
@@ -1003,8 +1051,7 @@ class TLSServerConnection(_TLSEngine, RelayServer):
         deadlines = self.tlsFactory.handshakeDeadlines
         if deadlines is not None:
             deadlines.discard(self)
-        FileDescriptor.connectionLost(self, reason)
-        self._closeSocket(not reason.check(ConnectionAborted))  # type: ignore[no-untyped-call]
+        self._stopSocket(reason)
         if not self._lostTLSConnection:
             # What OpenSSL still holds is decrypted and delivered; a stream
             # that ended without close_notify is a lost connection.
@@ -1024,8 +1071,22 @@ class TLSServerConnection(_TLSEngine, RelayServer):
             self._tlsConnection = None
 
     def _closeWire(self) -> None:
-        if self.connected and not self.disconnecting:
-            RelayServer.loseConnection(self)
+        if not self.connected or self.disconnecting:
+            return
+        if (
+            self._reading
+            and self.producer is None
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+        ):
+            # Closing because of what was just read (the peer's close_notify
+            # after ours, or an error), with nothing left to send: the read
+            # returns the end of the connection to the reactor, which closes
+            # it now, rather than on its next turn.
+            self.disconnecting = True
+            self._afterRead = main.CONNECTION_DONE
+            return
+        RelayServer.loseConnection(self)
 
     # --- the application's transport ------------------------------------------------
 
