@@ -168,6 +168,33 @@ class LeanRegistrationTests(SynchronousTestCase):
             self.assertEqual(reactor.getReaders(), [reactor.waker])
             self.assertEqual(reactor.getWriters(), [])
 
+    def test_forgetClosing(self) -> None:
+        """
+        C{forget(..., closing=True)} forgets a descriptor about to be closed
+        without telling epoll, which drops it with the close: a new socket
+        given the same descriptor is registered and served as any other.
+        """
+        reactor = self.reactor
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        closing = Descriptor(ours.fileno())
+        reactor.addReader(closing)
+        reactor.addWriter(closing)
+        forget(reactor, closing, True)
+        self.assertNotIn(closing.fd, reactor._selectables)
+        ours.close()
+        reused, peer = socket.socketpair()
+        self.addCleanup(reused.close)
+        self.addCleanup(peer.close)
+        fresh = Descriptor(reused.fileno())
+        reactor.addReader(fresh)
+        reactor.doIteration(0.1)
+        self.assertEqual((closing.reads, closing.writes, fresh.reads), (0, 0, 0))
+        peer.sendall(b"y")
+        reactor.doIteration(0.5)
+        self.assertEqual((closing.reads, fresh.reads), (0, 1))
+        forget(reactor, fresh)
+
     def test_descriptorGone(self) -> None:
         """
         A descriptor whose C{fileno} is already -1 is found by object and

@@ -36,12 +36,14 @@ from tests.test_endpoints import (
     makeCertificates,
 )
 from tlsrelay._config._model import CertificatePair, ServerTLS
+from tlsrelay._reactor import tuneReactor
 from tlsrelay._relay import _tune
 from tlsrelay._tls import ServerContextFactory, buildServerContext
 from tlsrelay._tlsfactory import (
     _CONNECTION_DONE,
     Deadlines,
     HandshakeTimeoutTLSProtocol,
+    LeanSocketMixin,
     RelayPort,
     RelayServer,
     TLSServerConnection,
@@ -529,6 +531,77 @@ class LeanSocketTests(SynchronousTestCase):
         self.assertEqual(client.recv(100), b"answer")
         self.assertEqual(client.recv(100), b"")
 
+    def test_endOfStreamCloses(self) -> None:
+        """
+        The peer's end of stream closes a connection whose protocol cannot be
+        half-closed, with close(2) alone (nothing is left to read), and the
+        peer sees a clean end of stream.
+        """
+        client, app = self.connect()
+        transport: Any = app.transport
+        client.sendall(b"bye")
+        client.shutdown(socket.SHUT_WR)
+        self.real.spin(lambda: app.lost is not None)
+        assert app.lost is not None
+        self.assertTrue(app.lost.check(ConnectionDone))
+        self.assertEqual(app.received, b"bye")
+        self.assertIs(transport._shouldShutdown, False)
+        self.assertEqual(client.recv(10), b"")
+
+    def test_readAgain(self) -> None:
+        """
+        When what was read says that more is likely waiting (C{_readAgain}),
+        C{doRead} reads once more at once while the transport is still reading
+        on a tuned reactor (nothing, or the end of the stream, may be all it
+        finds); elsewhere it waits for the reactor.
+        """
+
+        class Socket:
+            def __init__(self, chunks: list[bytes]) -> None:
+                self.chunks = chunks
+
+            def recv(self, size: int) -> bytes:
+                if not self.chunks:
+                    raise BlockingIOError(errno.EAGAIN, "again")
+                return self.chunks.pop(0)
+
+        class Reading(LeanSocketMixin):
+            connected = 1
+
+            def __init__(self, reactor: Any, chunks: list[bytes]) -> None:
+                self.reactor = reactor
+                self.socket = Socket(chunks)
+                self.read: list[bytes] = []
+
+            def fileno(self) -> int:
+                return 7
+
+            def _readData(self, data: bytes) -> None:
+                self.read.append(data)
+                self._readAgain = data == b"hello"
+
+        class Tuned:
+            def __init__(self, reads: set[int]) -> None:
+                self._reads = reads
+
+            def forget(self, xer: Any, closing: bool = False) -> None:
+                pass
+
+        for reactor, expected in (
+            (Tuned({7}), [b"hello", b"request"]),
+            (Tuned(set()), [b"hello"]),
+            (MemoryReactor(), [b"hello"]),
+        ):
+            transport = Reading(reactor, [b"hello", b"request"])
+            self.assertIsNone(transport.doRead())
+            self.assertEqual(transport.read, expected)
+            self.assertFalse(transport._readAgain)
+        transport = Reading(Tuned({7}), [b"hello"])
+        self.assertIsNone(transport.doRead())
+        self.assertEqual(transport.read, [b"hello"])
+        transport = Reading(Tuned({7}), [b"hello", b""])
+        self.assertIsInstance(transport.doRead(), error.ConnectionDone)
+
     def test_closeAfterWriting(self) -> None:
         """
         With data queued, loseConnection writes it first, as Twisted does.
@@ -738,10 +811,10 @@ class TLSServerConnectionTests(SynchronousTestCase):
         listener.close()
         self.addCleanup(self.real.stopListening, self.port)
 
-    def connect(self, handshake: bool = True) -> tuple[ssl.SSLSocket, Recorder]:
+    def newClient(self) -> ssl.SSLSocket:
         """
-        A client connected (and, if C{handshake}, done with its handshake),
-        and the application protocol that serves it.
+        A non-blocking TLS client connected to the port, its handshake not
+        started.
         """
         context = ssl.create_default_context(cafile=self.files.caFile)
         raw = socket.create_connection(self.address, timeout=5)
@@ -750,6 +823,14 @@ class TLSServerConnectionTests(SynchronousTestCase):
             raw, server_hostname="localhost", do_handshake_on_connect=False
         )
         self.addCleanup(client.close)
+        return client
+
+    def connect(self, handshake: bool = True) -> tuple[ssl.SSLSocket, Recorder]:
+        """
+        A client connected (and, if C{handshake}, done with its handshake),
+        and the application protocol that serves it.
+        """
+        client = self.newClient()
         count = len(self.app.built)
         self.real.spin(lambda: len(self.app.built) > count)
         app = self.app.built[-1]
@@ -846,6 +927,29 @@ class TLSServerConnectionTests(SynchronousTestCase):
         self.real.spin(lambda: app.lost is not None)
         assert app.lost is not None
         self.assertIsInstance(app.lost.value, ConnectionDone)
+
+    def test_readWhenAccepted(self) -> None:
+        """
+        On a tuned reactor, the client's hello, waiting when its connection is
+        accepted, is read in that same turn (as nginx does): the server's
+        answer is sent without another turn of the reactor.  The client's
+        first data after its Finished is read in the turn that reads the
+        Finished.
+        """
+        reactor = self.real.reactor
+        self.assertTrue(tuneReactor(reactor))
+        client = self.newClient()
+        self.assertIsNone(_step(client.do_handshake))
+        reactor.doIteration(5.0)
+        app = self.app.built[-1]
+        # The server answered in that one turn: the client completes its
+        # handshake without another.
+        client.settimeout(5)
+        client.do_handshake()
+        client.sendall(b"hello")
+        client.setblocking(False)
+        self.real.spin(lambda: app.received == b"hello")
+        self.assertEqual(app.handshakes, 1)
 
     def test_closedWhenRead(self) -> None:
         """

@@ -800,17 +800,9 @@ def installTicketKeys(
             )
         return entry
 
-    def encrypt(keyName: Any, iv: Any, cipherContext: Any, macContext: Any) -> int:
-        current, _ = keys()
-        _, cipher, params, _buffers = prepare(current)
-        if randBytes(iv, 16) != 1:
-            return -1
-        if encryptInit(cipherContext, cipher, _cffi.NULL, current.aesKey, iv) != 1:
-            return -1
-        if setMacParams(macContext, params) != 1:
-            return -1
-        _memmove(keyName, current.name, 16)
-        return 1
+    # The current key's entry, as the last ticket found it: the ring returns
+    # the same key object until it changes.
+    last: list[tuple[TicketKey, Any, Any, Any] | None] = [None]
 
     def decrypt(
         ssl: Any, keyName: Any, iv: Any, cipherContext: Any, macContext: Any
@@ -846,9 +838,23 @@ def installTicketKeys(
         if not (ssl and keyName and iv and cipherContext and macContext):
             return 0
         try:
-            if enc == 1:
-                return encrypt(keyName, iv, cipherContext, macContext)
-            return decrypt(ssl, keyName, iv, cipherContext, macContext)
+            if enc != 1:
+                return decrypt(ssl, keyName, iv, cipherContext, macContext)
+            # Encrypting (twice per full TLS 1.3 handshake), here rather than
+            # in a function of its own.
+            current = keys()[0]
+            entry = last[0]
+            if entry is None or entry[0] is not current:
+                entry = last[0] = prepare(current)
+            _, cipher, params, _buffers = entry
+            if randBytes(iv, 16) != 1:
+                return -1
+            if encryptInit(cipherContext, cipher, _cffi.NULL, current.aesKey, iv) != 1:
+                return -1
+            if setMacParams(macContext, params) != 1:
+                return -1
+            _memmove(keyName, current.name, 16)
+            return 1
         except BaseException:
             _log.failure("session ticket key callback failed; no ticket used or issued")
             # 0 means: decrypting, a full handshake; encrypting, no ticket

@@ -157,21 +157,26 @@ def leanRegistration(reactor: Any) -> bool:
     return True
 
 
-def forget(reactor: Any, xer: Any) -> None:
+def forget(reactor: Any, xer: Any, closing: bool = False) -> None:
     """
     C{reactor.removeReader(xer)} and C{reactor.removeWriter(xer)}, in one
     Python call on a reactor with L{leanRegistration}: a transport stops both
     when it closes.
+
+    @param closing: C{xer}'s descriptor is closed right after, and nothing
+        else holds what it refers to (a socket of this process, made with
+        C{CLOEXEC}): epoll forgets it with the close, without an
+        C{epoll_ctl(2)} of its own (as nginx closes its connections).
     """
     lean = getattr(reactor, "forget", None)
     if lean is None:
         reactor.removeReader(xer)
         reactor.removeWriter(xer)
     else:
-        lean(xer)
+        lean(xer, closing)
 
 
-def _forget(self: Any, xer: Any) -> None:
+def _forget(self: Any, xer: Any, closing: bool = False) -> None:
     # removeReader and removeWriter of _remover, together.
     polling = self._continuousPolling
     fd = xer.fileno()
@@ -187,7 +192,8 @@ def _forget(self: Any, xer: Any) -> None:
         reads.discard(fd)
         writes.discard(fd)
         del self._selectables[fd]
-        self._poller.unregister(fd)
+        if not closing:
+            self._poller.unregister(fd)
 
 
 def _adder(read: bool) -> Callable[[Any, Any], None]:

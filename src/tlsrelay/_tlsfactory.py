@@ -187,21 +187,38 @@ class LeanSocketMixin:
     disconnects the transport (see L{TLSServerConnection._closeWire}).
     """
 
+    _readAgain = False
+    """
+    Set while handling what was read when more is likely to be waiting already
+    (a TLS handshake just completed: the client's first request follows its
+    Finished at once): C{doRead} then reads again, as nginx does, rather than
+    waiting for the reactor's next turn to report it.
+    """
+
     def doRead(self) -> Any:
-        try:
-            data = self.socket.recv(self.readSize)  # type: ignore[attr-defined]
-        except OSError as e:
-            if e.args[0] == EWOULDBLOCK:
+        while True:
+            try:
+                data = self.socket.recv(self.readSize)  # type: ignore[attr-defined]
+            except OSError as e:
+                if e.args[0] == EWOULDBLOCK:
+                    return None
+                return main.CONNECTION_LOST
+            if not data:
+                # Nothing is left to read, nor can be after the peer's end of
+                # stream: close(2) alone ends the connection cleanly, without
+                # shutdown(2) first.
+                self._shouldShutdown = False
+                return main.CONNECTION_DONE
+            self._reading = True
+            try:
+                self._readData(data)
+            finally:
+                self._reading = False
+            if not self._readAgain or self._afterRead is not None:
+                return self._afterRead
+            self._readAgain = False
+            if not _stillReading(self):
                 return None
-            return main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        self._reading = True
-        try:
-            self._readData(data)
-        finally:
-            self._reading = False
-        return self._afterRead
 
     def _readData(self, data: bytes) -> None:
         """
@@ -247,7 +264,7 @@ class LeanSocketMixin:
         if producer is not None:
             producer.stopProducing()
             this.producer = None
-        forget(this.reactor, this)
+        forget(this.reactor, this, True)
         this._closeSocket(not isinstance(reason.value, ConnectionAborted))
 
     def _connectionLost(self, reason: Failure) -> None:
@@ -317,6 +334,36 @@ class LeanSocketMixin:
         except BaseException:
             log.failure("readConnectionLost of {protocol!r}", protocol=protocol)
             this.connectionLost(Failure())
+
+
+def _stillReading(transport: Any) -> bool:
+    """
+    Whether C{transport} is registered for reading (and so may read before
+    the reactor reports it readable), as far as a reactor with
+    L{tlsrelay._reactor.leanRegistration} says; on any other, L{False}.
+    """
+    reactor = transport.reactor
+    if getattr(reactor, "forget", None) is None:
+        return False
+    return transport.connected and transport.fileno() in reactor._reads  # type: ignore[no-any-return]
+
+
+def _readNow(transport: Any) -> None:
+    """
+    Read what already waits on C{transport}'s socket, as the reactor would on
+    its next turn, if it is reading; its end is handled as the reactor
+    handles it.
+    """
+    if not _stillReading(transport):
+        return
+    reactor = transport.reactor
+    try:
+        why = transport.doRead()
+    except BaseException as e:
+        why = e
+        log.failure("reading from {transport!r}", transport=transport)
+    if why:
+        reactor._disconnectSelectable(transport, why, True)
 
 
 # (protocol class, wrapped protocol class) -> log prefix (LeanSocketMixin).
@@ -470,6 +517,11 @@ class RelayPort(tcp.Port):
                     transport.serveTLS(tls)
                 transport._peer = peer
                 protocol.makeConnection(transport)
+                if tls is not None:
+                    # The client's hello is usually there already (it follows
+                    # the TCP handshake at once): read it now, as nginx does,
+                    # not on the reactor's next turn.
+                    _readNow(transport)
             # Twisted's scaling of the accepts per call.
             if accepted == limit:
                 self.numberAccepts = limit + 20
@@ -1203,6 +1255,8 @@ class TLSServerConnection(_TLSEngine, RelayServer):
             deadlines.discard(self)
         if not self._lostTLSConnection:
             _renewBIOs(self._tlsConnection)
+            # The client's first data follows its Finished at once.
+            self._readAgain = True
 
     def _handshakeTimedOut(self) -> None:
         _abortTimedOut(self, self.getPeer(), self.tlsFactory)
