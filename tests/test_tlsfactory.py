@@ -43,7 +43,6 @@ from tlsrelay._tlsfactory import (
     _CONNECTION_DONE,
     Deadlines,
     HandshakeTimeoutTLSProtocol,
-    LeanSocketMixin,
     RelayPort,
     RelayServer,
     TLSServerConnection,
@@ -548,60 +547,6 @@ class LeanSocketTests(SynchronousTestCase):
         self.assertIs(transport._shouldShutdown, False)
         self.assertEqual(client.recv(10), b"")
 
-    def test_readAgain(self) -> None:
-        """
-        When what was read says that more is likely waiting (C{_readAgain}),
-        C{doRead} reads once more at once while the transport is still reading
-        on a tuned reactor (nothing, or the end of the stream, may be all it
-        finds); elsewhere it waits for the reactor.
-        """
-
-        class Socket:
-            def __init__(self, chunks: list[bytes]) -> None:
-                self.chunks = chunks
-
-            def recv(self, size: int) -> bytes:
-                if not self.chunks:
-                    raise BlockingIOError(errno.EAGAIN, "again")
-                return self.chunks.pop(0)
-
-        class Reading(LeanSocketMixin):
-            connected = 1
-
-            def __init__(self, reactor: Any, chunks: list[bytes]) -> None:
-                self.reactor = reactor
-                self.socket = Socket(chunks)
-                self.read: list[bytes] = []
-
-            def fileno(self) -> int:
-                return 7
-
-            def _readData(self, data: bytes) -> None:
-                self.read.append(data)
-                self._readAgain = data == b"hello"
-
-        class Tuned:
-            def __init__(self, reads: set[int]) -> None:
-                self._reads = reads
-
-            def forget(self, xer: Any, closing: bool = False) -> None:
-                pass
-
-        for reactor, expected in (
-            (Tuned({7}), [b"hello", b"request"]),
-            (Tuned(set()), [b"hello"]),
-            (MemoryReactor(), [b"hello"]),
-        ):
-            transport = Reading(reactor, [b"hello", b"request"])
-            self.assertIsNone(transport.doRead())
-            self.assertEqual(transport.read, expected)
-            self.assertFalse(transport._readAgain)
-        transport = Reading(Tuned({7}), [b"hello"])
-        self.assertIsNone(transport.doRead())
-        self.assertEqual(transport.read, [b"hello"])
-        transport = Reading(Tuned({7}), [b"hello", b""])
-        self.assertIsInstance(transport.doRead(), error.ConnectionDone)
-
     def test_closeAfterWriting(self) -> None:
         """
         With data queued, loseConnection writes it first, as Twisted does.
@@ -932,9 +877,7 @@ class TLSServerConnectionTests(SynchronousTestCase):
         """
         On a tuned reactor, the client's hello, waiting when its connection is
         accepted, is read in that same turn (as nginx does): the server's
-        answer is sent without another turn of the reactor.  The client's
-        first data after its Finished is read in the turn that reads the
-        Finished.
+        answer is sent without another turn of the reactor.
         """
         reactor = self.real.reactor
         self.assertTrue(tuneReactor(reactor))

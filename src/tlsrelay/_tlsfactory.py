@@ -187,38 +187,25 @@ class LeanSocketMixin:
     disconnects the transport (see L{TLSServerConnection._closeWire}).
     """
 
-    _readAgain = False
-    """
-    Set while handling what was read when more is likely to be waiting already
-    (a TLS handshake just completed: the client's first request follows its
-    Finished at once): C{doRead} then reads again, as nginx does, rather than
-    waiting for the reactor's next turn to report it.
-    """
-
     def doRead(self) -> Any:
-        while True:
-            try:
-                data = self.socket.recv(self.readSize)  # type: ignore[attr-defined]
-            except OSError as e:
-                if e.args[0] == EWOULDBLOCK:
-                    return None
-                return main.CONNECTION_LOST
-            if not data:
-                # Nothing is left to read, nor can be after the peer's end of
-                # stream: close(2) alone ends the connection cleanly, without
-                # shutdown(2) first.
-                self._shouldShutdown = False
-                return main.CONNECTION_DONE
-            self._reading = True
-            try:
-                self._readData(data)
-            finally:
-                self._reading = False
-            if not self._readAgain or self._afterRead is not None:
-                return self._afterRead
-            self._readAgain = False
-            if not _stillReading(self):
+        try:
+            data = self.socket.recv(self.readSize)  # type: ignore[attr-defined]
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
                 return None
+            return main.CONNECTION_LOST
+        if not data:
+            # Nothing is left to read, nor can be after the peer's end of
+            # stream: close(2) alone ends the connection cleanly, without
+            # shutdown(2) first.
+            self._shouldShutdown = False
+            return main.CONNECTION_DONE
+        self._reading = True
+        try:
+            self._readData(data)
+        finally:
+            self._reading = False
+        return self._afterRead
 
     def _readData(self, data: bytes) -> None:
         """
@@ -1255,8 +1242,6 @@ class TLSServerConnection(_TLSEngine, RelayServer):
             deadlines.discard(self)
         if not self._lostTLSConnection:
             _renewBIOs(self._tlsConnection)
-            # The client's first data follows its Finished at once.
-            self._readAgain = True
 
     def _handshakeTimedOut(self) -> None:
         _abortTimedOut(self, self.getPeer(), self.tlsFactory)
