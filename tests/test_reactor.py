@@ -11,6 +11,7 @@ import tempfile
 import threading
 from typing import Any
 
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -194,6 +195,44 @@ class LeanRegistrationTests(SynchronousTestCase):
         reactor.doIteration(0.5)
         self.assertEqual((closing.reads, fresh.reads), (0, 1))
         forget(reactor, fresh)
+
+    def test_readEnd(self) -> None:
+        """
+        A read that found the end of the stream is told at once to a
+        descriptor that stops reading itself (C{readEndStopsReading}), while
+        it is still registered; anything else is disconnected as Twisted does
+        (reader removed first, then C{readConnectionLost} for a half-closeable
+        descriptor or C{connectionLost}).
+        """
+        reactor = self.reactor
+        told: list[tuple[str, bool, Any]] = []
+
+        class Lean(Descriptor):
+            readEndStopsReading = True
+
+            def readConnectionLost(self, reason: Any) -> None:
+                told.append(("read", self in reactor.getReaders(), reason.value))
+                forget(reactor, self)
+
+            def connectionLost(self, reason: Any) -> None:
+                told.append(("lost", self in reactor.getReaders(), reason.value))
+                forget(reactor, self)
+
+        lean = Lean(self.ours.fileno())
+        for why, isRead, expected in (
+            (ConnectionDone(), True, ("read", True, ConnectionDone)),
+            (ConnectionDone(), False, ("lost", False, ConnectionDone)),
+            (ConnectionLost(), True, ("lost", False, ConnectionLost)),
+        ):
+            reactor.addReader(lean)
+            reactor._disconnectSelectable(lean, why, isRead)
+            what, registered, value = told.pop()
+            self.assertEqual((what, registered, type(value)), expected)
+            self.assertNotIn(lean, reactor.getReaders())
+        plain = Descriptor(self.ours.fileno())
+        reactor.addReader(plain)
+        reactor._disconnectSelectable(plain, ConnectionDone(), True)
+        self.assertNotIn(plain, reactor.getReaders())
 
     def test_descriptorGone(self) -> None:
         """

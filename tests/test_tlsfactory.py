@@ -898,8 +898,8 @@ class TLSServerConnectionTests(SynchronousTestCase):
         """
         The close_notify that completes the shutdown closes the connection in
         the reactor turn that reads it (with nothing left to send), not on a
-        later one; the socket is unregistered and closed, and the application
-        hears a clean close.
+        later one; the socket is unregistered and closed (without shutdown(2):
+        nothing was left unread), and the application hears a clean close.
         """
         client, app = self.connect()
         transport: Any = app.transport
@@ -916,6 +916,9 @@ class TLSServerConnectionTests(SynchronousTestCase):
         self.assertNotIn(transport, reactor.getReaders())
         self.assertNotIn(transport, reactor.getWriters())
         self.assertFalse(hasattr(transport, "socket"))
+        # Nothing was left unread: closed with close(2) alone, the end of the
+        # stream (not a reset) reaches the client.
+        self.assertIs(transport._shouldShutdown, False)
         self.assertEqual(raw.recv(1), b"")
 
     def test_truncated(self) -> None:

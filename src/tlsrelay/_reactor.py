@@ -15,9 +15,19 @@ from select import EPOLLIN, EPOLLOUT
 from types import MethodType
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.python.failure import Failure
+
 from tlsrelay._log import Logger, dispatchWithoutLogContext
 
 log = Logger()
+
+# What Twisted's _disconnectSelectable tells a transport whose peer ended the
+# stream (the same failure for every one).
+_DONE: Failure = PosixReactorBase._disconnectSelectable.__defaults__[0][  # type: ignore[attr-defined,index]
+    ConnectionDone
+]
 
 
 def tuneReactor(reactor: Any) -> bool:
@@ -154,7 +164,26 @@ def leanRegistration(reactor: Any) -> bool:
     reactor.removeReader = MethodType(_remover(True), reactor)  # type: ignore[method-assign]
     reactor.removeWriter = MethodType(_remover(False), reactor)  # type: ignore[method-assign]
     reactor.forget = MethodType(_forget, reactor)  # type: ignore[attr-defined]
+    reactor._disconnectSelectable = MethodType(_disconnectSelectable, reactor)  # type: ignore[method-assign]
     return True
+
+
+def _disconnectSelectable(
+    self: Any, selectable: Any, why: Any, isRead: bool, faildict: Any = None
+) -> None:
+    # PosixReactorBase._disconnectSelectable, except for a read that found the
+    # end of the stream on a descriptor that stops reading itself when told
+    # (tlsrelay's socket transports): it is told at once, and, if it closes,
+    # its descriptor is forgotten with the close rather than with an
+    # epoll_ctl(2) first.
+    if (
+        isRead
+        and type(why) is ConnectionDone
+        and getattr(selectable, "readEndStopsReading", False)
+    ):
+        selectable.readConnectionLost(_DONE)
+        return
+    PosixReactorBase._disconnectSelectable(self, selectable, why, isRead)
 
 
 def forget(reactor: Any, xer: Any, closing: bool = False) -> None:

@@ -181,6 +181,11 @@ class LeanSocketMixin:
     Whether the transport is handling what it just read (in C{doRead}).
     """
 
+    _drained = False
+    """
+    Whether the last read left nothing in the socket.
+    """
+
     _afterRead: Any = None
     """
     What C{doRead} returns once the data read is handled: the reactor then
@@ -201,6 +206,7 @@ class LeanSocketMixin:
             self._shouldShutdown = False
             return main.CONNECTION_DONE
         self._reading = True
+        self._drained = len(data) < self.readSize
         try:
             self._readData(data)
         finally:
@@ -307,6 +313,13 @@ class LeanSocketMixin:
                 _logPrefixes[key] = prefix
         return prefix  # type: ignore[no-any-return]
 
+    readEndStopsReading = True
+    """
+    L{readConnectionLost} stops reading itself: a reactor with
+    L{tlsrelay._reactor.leanRegistration} calls it without removing the
+    reader first.
+    """
+
     def readConnectionLost(self, reason: Failure) -> None:
         # What tcp.Connection.readConnectionLost does, asking the protocol
         # whether it provides IHalfCloseableProtocol rather than adapting it
@@ -316,6 +329,7 @@ class LeanSocketMixin:
         if not IHalfCloseableProtocol.providedBy(protocol):
             this.connectionLost(reason)
             return
+        this.stopReading()
         try:
             protocol.readConnectionLost()
         except BaseException:
@@ -1124,6 +1138,11 @@ class TLSServerConnection(_TLSEngine, RelayServer):
             # it now, rather than on its next turn.
             self.disconnecting = True
             self._afterRead = main.CONNECTION_DONE
+            if self._drained:
+                # Nothing unread: close(2) alone sends the end of the stream
+                # (shutdown(2) first only matters when unread data would make
+                # it a reset), as nginx closes.
+                self._shouldShutdown = False
             return
         RelayServer.loseConnection(self)
 
