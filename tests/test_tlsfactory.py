@@ -684,6 +684,22 @@ class LeanSocketTests(SynchronousTestCase):
         self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, self.app)])
 
 
+class _Recording:
+    """
+    A socket whose C{setsockopt} calls are recorded.
+    """
+
+    def __init__(self, wrapped: socket.socket, calls: list[object]) -> None:
+        self._wrapped = wrapped
+        self._calls = calls
+
+    def setsockopt(self, *args: object) -> None:
+        self._calls.append(args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
 class TuneTests(SynchronousTestCase):
     """
     The relay's tuning of a real socket transport.
@@ -694,11 +710,17 @@ class TuneTests(SynchronousTestCase):
         A TCP socket transport gets C{TCP_NODELAY} and the relay's buffer
         size.
         """
-        real, app, _, address = relayPort(self)
-        client = socket.create_connection(address, timeout=5)
+        real = RealReactor(self)
+        app = ChunksFactory()
+        listener = listeningSocket()
+        self.addCleanup(listener.close)
+        port = real.reactor.adoptStreamPort(listener.fileno(), socket.AF_INET, app)
+        self.addCleanup(real.stopListening, port)
+        client = socket.create_connection(listener.getsockname(), timeout=5)
         self.addCleanup(client.close)
         real.spin(lambda: app.built)
         transport: Any = app.built[0].transport
+        self.assertNotIsInstance(transport, RelayServer)
         self.assertFalse(
             transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         )
@@ -707,6 +729,27 @@ class TuneTests(SynchronousTestCase):
             transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         )
         self.assertEqual(transport.bufferSize, 1234)
+
+    def test_inherited(self) -> None:
+        """
+        A L{RelayPort} sets C{TCP_NODELAY} on its listening socket: the
+        sockets it accepts have it from there, and L{_tune} leaves them be.
+        """
+        real, app, port, address = relayPort(self)
+        self.assertTrue(port.noDelay)
+        self.assertTrue(port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        client = socket.create_connection(address, timeout=5)
+        self.addCleanup(client.close)
+        real.spin(lambda: app.built)
+        transport: Any = app.built[0].transport
+        self.assertIsInstance(transport, RelayServer)
+        self.assertTrue(
+            transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        )
+        calls: list[object] = []
+        transport.socket = _Recording(transport.socket, calls)
+        _tune(transport, 1234)
+        self.assertEqual((calls, transport.bufferSize), ([], 1234))
 
 
 class _Producer:

@@ -211,14 +211,19 @@ def _tune(transport: object, bufferSize: int) -> None:
     its producer when more than that is waiting to be written, so the relay holds
     about C{proxy_buffer_size} per direction, as nginx does.
     """
-    inner = _innermost(transport)
-    if ITCPTransport.providedBy(inner):
-        try:
-            if isinstance(inner, TCPConnection):
-                # Twisted's setTcpNoDelay, without its method call.
+    inner = transport if isinstance(transport, TCPConnection) else _innermost(transport)
+    if isinstance(inner, TCPConnection):
+        # An accepted socket may have it from its listening socket already
+        # (RelayPort.noDelay); else Twisted's setTcpNoDelay, without its
+        # method call.
+        if not getattr(getattr(inner, "server", None), "noDelay", False):
+            try:
                 inner.socket.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            else:
-                inner.setTcpNoDelay(True)
+            except OSError:
+                pass
+    elif ITCPTransport.providedBy(inner):
+        try:
+            inner.setTcpNoDelay(True)
         except OSError:
             pass
     if isinstance(inner, FileDescriptor):

@@ -29,6 +29,7 @@ in one object (the same L{_TLSEngine}), under the application's protocol.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from errno import EWOULDBLOCK
 from typing import Any, Generic, TypeVar
@@ -453,6 +454,12 @@ class RelayPort(tcp.Port):
 
     transport = RelayServer
 
+    noDelay = False
+    """
+    Whether the sockets this port accepts have C{TCP_NODELAY} already (set on
+    the listening socket, and inherited).
+    """
+
     def doRead(self) -> None:
         """
         Accept what is waiting, as C{tcp.Port.doRead} does, with the socket
@@ -547,6 +554,14 @@ def adoptStreamPort(
             reactor, fileDescriptor, addressFamily, factory
         )
         port.startListening()
+        try:
+            # Accepted sockets inherit it (Linux, the BSDs): no setsockopt(2)
+            # per connection.
+            port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        else:
+            port.noDelay = sys.platform.startswith(("linux", "freebsd", "darwin"))
         return port
     return reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
 
