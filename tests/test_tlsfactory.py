@@ -684,6 +684,10 @@ class LeanSocketTests(SynchronousTestCase):
         self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, self.app)])
 
 
+def _noDelay(skt: Any) -> bool:
+    return bool(skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
 class _Recording:
     """
     A socket whose C{setsockopt} calls are recorded.
@@ -716,19 +720,21 @@ class TuneTests(SynchronousTestCase):
         self.addCleanup(listener.close)
         port = real.reactor.adoptStreamPort(listener.fileno(), socket.AF_INET, app)
         self.addCleanup(real.stopListening, port)
-        client = socket.create_connection(listener.getsockname(), timeout=5)
+        transport = self.accepted(real, app, listener.getsockname())
+        self.assertNotIsInstance(transport, RelayServer)
+        self.assertFalse(_noDelay(transport.socket))
+        _tune(transport, 1234)
+        self.assertTrue(_noDelay(transport.socket))
+        self.assertEqual(transport.bufferSize, 1234)
+
+    def accepted(self, real: RealReactor, app: ChunksFactory, address: Any) -> Any:
+        """
+        The transport of a client connected to C{address}.
+        """
+        client = socket.create_connection(address, timeout=5)
         self.addCleanup(client.close)
         real.spin(lambda: app.built)
-        transport: Any = app.built[0].transport
-        self.assertNotIsInstance(transport, RelayServer)
-        self.assertFalse(
-            transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        )
-        _tune(transport, 1234)
-        self.assertTrue(
-            transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        )
-        self.assertEqual(transport.bufferSize, 1234)
+        return app.built[0].transport
 
     def test_inherited(self) -> None:
         """
@@ -737,15 +743,10 @@ class TuneTests(SynchronousTestCase):
         """
         real, app, port, address = relayPort(self)
         self.assertTrue(port.noDelay)
-        self.assertTrue(port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        client = socket.create_connection(address, timeout=5)
-        self.addCleanup(client.close)
-        real.spin(lambda: app.built)
-        transport: Any = app.built[0].transport
+        self.assertTrue(_noDelay(port.socket))
+        transport = self.accepted(real, app, address)
         self.assertIsInstance(transport, RelayServer)
-        self.assertTrue(
-            transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        )
+        self.assertTrue(_noDelay(transport.socket))
         calls: list[object] = []
         transport.socket = _Recording(transport.socket, calls)
         _tune(transport, 1234)
