@@ -23,11 +23,9 @@ from tlsrelay._log import Logger, dispatchWithoutLogContext
 
 log = Logger()
 
-# What Twisted's _disconnectSelectable tells a transport whose peer ended the
-# stream (the same failure for every one).
-_DONE: Failure = PosixReactorBase._disconnectSelectable.__defaults__[0][  # type: ignore[attr-defined,index]
-    ConnectionDone
-]
+# What _disconnectSelectable tells a transport whose peer ended the stream
+# (one failure for every one, as Twisted's).
+_DONE = Failure(ConnectionDone())
 
 
 def tuneReactor(reactor: Any) -> bool:

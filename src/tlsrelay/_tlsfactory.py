@@ -555,13 +555,13 @@ def adoptStreamPort(
         )
         port.startListening()
         try:
-            # Accepted sockets inherit it (Linux, the BSDs): no setsockopt(2)
-            # per connection.
+            # Accepted sockets inherit it on Linux: no setsockopt(2) per
+            # connection (elsewhere _tune still sets it on each).
             port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         else:
-            port.noDelay = sys.platform.startswith(("linux", "freebsd", "darwin"))
+            port.noDelay = sys.platform.startswith("linux")
         return port
     return reactor.adoptStreamPort(fileDescriptor, addressFamily, factory)
 
