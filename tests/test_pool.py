@@ -852,6 +852,26 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(reactor.getDelayedCalls(), [])
         self.assertEqual(pool.peers.primary[0].conns, 1)
 
+    def test_settledAttemptLetsGo(self) -> None:
+        """
+        Once the handshake has decided the attempt, it holds neither the TLS
+        layer nor the TCP attempt's result, which both lead back to it through
+        the factories that built them: nothing the connection leaves is kept
+        in a reference cycle for the cyclic garbage collector to find.
+        """
+        pool, reactor = self.tlsPool(9001)
+        d = pool.connect(factory(), b"", Proxy())
+        tlsFactory: Any = reactor.tcpClients[-1][2]._wrappedFactory  # type: ignore[attr-defined]
+        securing = tlsFactory.wrappedFactory.securing
+        self.assertIsNone(securing.tls)
+        pump = tlsAccept(reactor, self.serverContext())
+        self.assertIsNotNone(securing.connecting)
+        self.assertIsNotNone(securing.tls)
+        pump.flush()
+        connected(d)
+        self.assertIsNone(securing.tls)
+        self.assertIsNone(securing.connecting)
+
     def test_plainHasNoSessionFlag(self) -> None:
         """
         Without TLS for the peer, C{sessionReused} is L{None}.

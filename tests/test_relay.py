@@ -5,7 +5,9 @@ stream server, in memory.
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from collections.abc import Callable
 
 from attrs import define, field
@@ -717,6 +719,30 @@ class TeardownTests(RelayTestCase):
         self.assertTrue(any("lost" in e["log_format"] for e in events))
         lost(r.client, ConnectionLost())
         self.assertEqual(r.connection.releases, [True])
+
+    def test_finishedSessionNeedsNoCollector(self) -> None:
+        """
+        Once both sides are closed, nothing of the session refers back to it:
+        its protocols are freed by reference counting as soon as their
+        transports and the pool let go of them, not left to the cyclic
+        garbage collector (a relay making thousands of sessions a second
+        would otherwise keep each one's memory until the next collection).
+        """
+        enabled = gc.isenabled()
+        gc.disable()
+        if enabled:
+            self.addCleanup(gc.enable)
+        r = self.relaying()
+        r.upstream.dataReceived(b"answer")
+        lost(r.upstream)
+        lost(r.client)
+        self.assertEqual(len(self.logLines()), 1)
+        client, upstream = weakref.ref(r.client), weakref.ref(r.upstream)
+        del r
+        self.pool.attempts.clear()
+        self.pool.last = None
+        self.assertIsNone(client())
+        self.assertIsNone(upstream())
 
     def test_dataAfterCloseDropped(self) -> None:
         """

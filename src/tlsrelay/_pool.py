@@ -885,12 +885,13 @@ class _Securing:
         self.factory = factory
         self.peer = peer
         self.tls: TLSMemoryBIOProtocol | None = None
+        self.connecting: Deferred[IProtocol] | None = None
         self.result: Deferred[_Connected] = Deferred(self._cancel)
         tlsFactory = _ClientTLSFactory(
             creator, True, _HandshakingFactory(self), clock=clock
         )
-        self.connecting = connect(tlsFactory)
-        self.connecting.addErrback(self._notConnected)
+        connecting = self.connecting = connect(tlsFactory)
+        connecting.addErrback(self._notConnected)
 
     def _notConnected(self, reason: Failure) -> None:
         if not self.result.called:
@@ -899,6 +900,7 @@ class _Securing:
     def secured(self, handshaking: _Handshaking) -> None:
         tls = self.tls
         assert tls is not None
+        self._settled()
         if self.result.called:
             return  # cancelled: the connection is being aborted
         reused = sessionReused(tls.getHandle())
@@ -913,16 +915,24 @@ class _Securing:
         self.result.callback((handshaking.wrapped, reused))
 
     def lost(self, reason: Failure) -> None:
+        self._settled()
         if self.result.called:
             return
         # A session the upstream refused or choked on is not offered again.
         self.peer.session = None
         self.result.errback(Failure(UpstreamHandshakeFailed(reason)))
 
+    def _settled(self) -> None:
+        # The TLS layer (through its factories) and the TCP attempt's result
+        # refer back to this attempt: once its outcome is known, let go of
+        # them, so that what a connection leaves is freed by reference
+        # counting rather than by the cyclic garbage collector.
+        self.tls = self.connecting = None
+
     def _cancel(self, result: Deferred[_Connected]) -> None:
         if self.tls is not None:
             self.tls.abortConnection()
-        else:
+        elif self.connecting is not None:
             self.connecting.cancel()
 
 
