@@ -36,6 +36,7 @@ from tests.test_endpoints import (
     makeCertificates,
 )
 from tlsrelay._config._model import CertificatePair, ServerTLS
+from tlsrelay._openssl import _handshake
 from tlsrelay._reactor import tuneReactor
 from tlsrelay._relay import _tune
 from tlsrelay._tls import ServerContextFactory, buildServerContext
@@ -48,6 +49,7 @@ from tlsrelay._tlsfactory import (
     TLSServerConnection,
     TLSServerFactory,
     adoptStreamPort,
+    serverConnection,
     writeThrough,
 )
 
@@ -210,6 +212,62 @@ class DeadlinesTests(SynchronousTestCase):
         [failure] = [e["log_failure"] for e in events if "log_failure" in e]
         self.assertTrue(failure.check(RuntimeError))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ServerConnectionTests(SynchronousTestCase):
+    """
+    L{serverConnection} makes server-side connections as pyOpenSSL does, and
+    registers them for pyOpenSSL's callbacks only where a callback looks.
+    """
+
+    def setUp(self) -> None:
+        _directory, self.files, _clientFiles = makeCertificates(self)
+        self.context = buildServerContext(
+            ServerTLS(
+                certificates=(CertificatePair(self.files.certificate, self.files.key),)
+            )
+        )
+
+    def handshake(self, server: SSL.Connection) -> SSL.Connection:
+        client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        client.set_connect_state()
+        _handshake(client, server)
+        return client
+
+    def test_asPyOpenSSLMakesThem(self) -> None:
+        """
+        Without callbacks that look connections up, a connection has the
+        attributes pyOpenSSL's constructor gives, is not registered, and
+        serves a handshake and data (it is in the accept state).
+        """
+        lean = serverConnection(self.context)
+        self.assertEqual(set(vars(lean)), set(vars(SSL.Connection(self.context))))
+        self.assertNotIn(lean._ssl, SSL.Connection._reverse_mapping)
+        client = self.handshake(lean)
+        client.send(b"ping")
+        lean.bio_write(client.bio_read(65536))
+        self.assertEqual(lean.recv(100), b"ping")
+
+    def test_callbacksFindTheirConnection(self) -> None:
+        """
+        With a verification or ALPN callback, the connection is pyOpenSSL's
+        own, which the callback is given.
+        """
+        seen: list[SSL.Connection] = []
+
+        def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+            seen.append(connection)
+            return offered[0]
+
+        self.context.set_alpn_select_callback(select)
+        connection = serverConnection(self.context)
+        self.assertIs(SSL.Connection._reverse_mapping[connection._ssl], connection)
+        client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        client.set_alpn_protos([b"h2"])
+        client.set_connect_state()
+        _handshake(client, connection)
+        self.assertEqual(seen, [connection])
+        self.assertEqual(connection.get_alpn_proto_negotiated(), b"h2")
 
 
 class FastTLSProtocolTests(SynchronousTestCase):

@@ -36,7 +36,7 @@ from typing import Any, Generic, TypeVar
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
-from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Connection, Context, Error, WantReadError, ZeroReturnError
 from twisted.internet import main, tcp
 from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.abstract import FileDescriptor
@@ -907,6 +907,89 @@ class FastTLSProtocol(_TLSEngine, TLSMemoryBIOProtocol):  # type: ignore[misc]
         self.transport.resumeProducing()  # type: ignore[union-attr]
 
 
+# The attributes of a pyOpenSSL context that hold a callback finding its
+# Connection through Connection._reverse_mapping (verification, ALPN, SNI,
+# OCSP, ...).
+_MAPPED_CALLBACKS = (
+    "_verify_helper",
+    "_info_callback",
+    "_keylog_callback",
+    "_tlsext_servername_callback",
+    "_alpn_select_helper",
+    "_ocsp_helper",
+    "_cookie_generate_helper",
+    "_cookie_verify_helper",
+)
+
+
+def _newMemoryBIOs() -> tuple[Any, Any] | None:
+    """
+    Two new, empty memory BIOs (what goes into OpenSSL, what comes out), or
+    L{None} if OpenSSL could not allocate them.
+    """
+    into = _lib.BIO_new(_lib.BIO_s_mem())
+    out = _lib.BIO_new(_lib.BIO_s_mem())
+    if into == _ffi.NULL or out == _ffi.NULL:
+        _freeBIOs((into, out))
+        return None
+    return into, out
+
+
+def _freeBIOs(bios: tuple[Any, Any] | None) -> None:
+    for bio in bios or ():
+        if bio != _ffi.NULL:
+            _lib.BIO_free(bio)
+
+
+def serverConnection(context: Context) -> Connection:
+    """
+    C{Connection(context, None)} in the accept state.
+
+    pyOpenSSL registers every connection in C{Connection._reverse_mapping}, a
+    weak dictionary its callbacks look their connection up in, with five
+    Python calls per connection (and one more when the connection is freed).
+    A context that has none of those callbacks (a server context without
+    client verification or ALPN, as tlsrelay makes them) never looks: its
+    connections are made as pyOpenSSL's constructor makes them, with the
+    same attributes, without the registration.
+    """
+    mapped = False
+    for name in _MAPPED_CALLBACKS:
+        if getattr(context, name, None) is not None:
+            mapped = True
+            break
+    bios = None if mapped else _newMemoryBIOs()
+    ssl = _ffi.NULL if bios is None else _lib.SSL_new(context._context)
+    if ssl == _ffi.NULL:
+        # With such callbacks (or out of memory: as pyOpenSSL handles it),
+        # pyOpenSSL's constructor.
+        _freeBIOs(bios)
+        connection = Connection(context, None)
+        _lib.SSL_set_accept_state(connection._ssl)
+        return connection
+    connection = Connection.__new__(Connection)
+    context._used = True
+    this: Any = connection
+    this._ssl = _ffi.gc(ssl, _lib.SSL_free)
+    _lib.SSL_set_mode(ssl, _lib.SSL_MODE_AUTO_RETRY)
+    this._context = context
+    this._app_data = None
+    this._alpn_select_callback_args = None
+    this._verify_helper = context._verify_helper
+    this._verify_callback = context._verify_callback
+    this._cookie_generate_helper = context._cookie_generate_helper
+    this._cookie_verify_helper = context._cookie_verify_helper
+    this._socket = None
+    assert bios is not None
+    into, out = bios
+    this._into_ssl = into
+    this._from_ssl = out
+    # SSL_free frees them.
+    _lib.SSL_set_bio(ssl, into, out)
+    _lib.SSL_set_accept_state(ssl)
+    return connection
+
+
 def _renewBIOs(connection: Any) -> None:
     """
     Give C{connection} new, empty memory BIOs if its own are empty.
@@ -918,13 +1001,10 @@ def _renewBIOs(connection: Any) -> None:
     into, out = connection._into_ssl, connection._from_ssl
     if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
         return
-    newInto = _lib.BIO_new(_lib.BIO_s_mem())
-    newOut = _lib.BIO_new(_lib.BIO_s_mem())
-    if newInto == _ffi.NULL or newOut == _ffi.NULL:
-        for bio in (newInto, newOut):
-            if bio != _ffi.NULL:
-                _lib.BIO_free(bio)
+    bios = _newMemoryBIOs()
+    if bios is None:
         return
+    newInto, newOut = bios
     # SSL_set_bio frees the BIOs it replaces.
     _lib.SSL_set_bio(connection._ssl, newInto, newOut)
     connection._into_ssl = newInto
@@ -1094,8 +1174,7 @@ class TLSServerConnection(_TLSEngine, RelayServer):
             # creator, without the calls through it (and without the
             # application data, which only Twisted's client-side callbacks
             # read).
-            connection = self._tlsConnection = Connection(context, None)
-            _lib.SSL_set_accept_state(connection._ssl)
+            self._tlsConnection = serverConnection(context)
         deadlines = tlsFactory.handshakeDeadlines
         if deadlines is not None:
             deadlines.add(self)
