@@ -166,6 +166,13 @@ class ErrorTests(LoadMixin, SynchronousTestCase):
             2,
         )
 
+    def test_badMultiAccept(self) -> None:
+        self.assertError(
+            "events { multi_accept yes; }\nstream {\n" + SERVER_BLOCK + "}\n",
+            'invalid value "yes" in "multi_accept" directive, it must be "on" or "off"',
+            1,
+        )
+
     def test_unsupportedDirective(self) -> None:
         self.assertError(
             "stream {\n" + SERVER_BLOCK + "  ssl_stapling on;\n}\n",
@@ -441,9 +448,11 @@ stream {
             "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"
             "daemon off;\npid relay.pid;\nworker_processes 2;\n"
             "error_log logs/error.log info;\n"
-            "events {\n  worker_connections 100;\n}\nstream {\n" + SERVER_BLOCK + "}\n"
+            "events {\n  worker_connections 100;\n  multi_accept on;\n}\n"
+            "stream {\n" + SERVER_BLOCK + "}\n"
         )
         self.assertFalse(config.daemon)
+        self.assertTrue(config.multiAccept)
         self.assertEqual(config.pidFile, os.path.join(self._dir, "relay.pid"))
         self.assertEqual(config.workerProcesses, 2)
         self.assertEqual(config.workerConnections, 100)
@@ -451,6 +460,13 @@ stream {
             config.errorLogs[0].path, os.path.join(self._dir, "logs/error.log")
         )
         self.assertEqual(config.errorLogs[0].level, "info")
+
+    def test_multiAcceptDefault(self) -> None:
+        """
+        C{multi_accept} is off unless set (nginx's default).
+        """
+        config = self.load("stream {\n" + SERVER_BLOCK + "}\n")
+        self.assertFalse(config.multiAccept)
 
     def test_sessionCacheForms(self) -> None:
         for text, mode, limit in [

@@ -39,7 +39,7 @@ from tlsrelay._log import enabled, setLevel
 from tlsrelay._relay import RelayFactory, WorkerConnections
 from tlsrelay._service import RelayService, bindAll, build, configListens
 from tlsrelay._sessions import SessionSharing
-from tlsrelay._tlsfactory import TLSServerFactory
+from tlsrelay._tlsfactory import RelayPort, TLSServerFactory
 from tlsrelay.testing import writeCertificates
 
 
@@ -532,6 +532,23 @@ class ReloadTests(ServiceTestCase):
         self.assertEqual(self.connections.limit, 99)
         self.assertEqual(service.drainTimeout, 7.0)
         self.assertTrue(enabled(LogLevel.debug))
+
+    def test_multiAcceptApplied(self) -> None:
+        """
+        A reload applies C{multi_accept} to a relay port already listening.
+        """
+        service = self.service(plain(8001))
+        [(key, fake)] = service.ports.items()
+        port = RelayPort.__new__(RelayPort)
+        port.factory = fake.factory  # type: ignore[attr-defined]
+        service.ports[key] = port
+        self.assertFalse(port.multiAccept)
+        main = "events { multi_accept on; }"
+        self.assertTrue(self.reload(service, plain(8001, main=main)))
+        self.assertTrue(port.multiAccept)
+        self.assertTrue(self.reload(service, plain(8001)))
+        self.assertFalse(port.multiAccept)
+        service.ports[key] = fake
 
     def test_errorLogsHandedOver(self) -> None:
         """

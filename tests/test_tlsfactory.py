@@ -620,12 +620,53 @@ class LeanSocketTests(SynchronousTestCase):
             data += chunk
         self.assertEqual(data, b"last words")
 
+    def waiting(self, count: int) -> list[socket.socket]:
+        """
+        C{count} connections made and waiting to be accepted.
+        """
+        clients = [
+            socket.create_connection(self.address, timeout=5) for _ in range(count)
+        ]
+        for client in clients:
+            self.addCleanup(client.close)
+        return clients
+
+    def test_oneAcceptPerEvent(self) -> None:
+        """
+        Without C{multi_accept} (nginx's default), a readable event accepts one
+        waiting connection; the next event accepts the next.
+        """
+        self.assertFalse(self.port.multiAccept)
+        self.waiting(3)
+        self.port.doRead()
+        self.assertEqual(len(self.app.built), 1)
+        self.port.doRead()
+        self.assertEqual(len(self.app.built), 2)
+
+    def test_multiAccept(self) -> None:
+        """
+        With C{multi_accept}, one readable event accepts every waiting
+        connection.
+        """
+        real = RealReactor(self)
+        app = ChunksFactory()
+        listener = listeningSocket()
+        port = adoptStreamPort(
+            real.reactor, listener.fileno(), socket.AF_INET, app, multiAccept=True
+        )
+        self.address = listener.getsockname()
+        listener.close()
+        self.addCleanup(real.stopListening, port)
+        self.assertTrue(port.multiAccept)
+        self.waiting(3)
+        port.doRead()
+        self.assertEqual(len(app.built), 3)
+
     def test_acceptSeveral(self) -> None:
         """
-        One readable event accepts every waiting connection: each protocol is
-        built for its client's address, which its transport's C{getPeer}
-        returns (the same object each time), with a log prefix naming the
-        protocol.
+        Each protocol is built for its client's address, which its transport's
+        C{getPeer} returns (the same object each time), with a log prefix
+        naming the protocol.
         """
         clients = [socket.create_connection(self.address, timeout=5) for _ in range(3)]
         for client in clients:

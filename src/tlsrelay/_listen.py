@@ -110,13 +110,16 @@ class BoundListener:
         self.socket = sock
         self.port: IListeningPort | None = None
 
-    def startListening(self, reactor: IReactorSocket, factory: Any) -> IListeningPort:
+    def startListening(
+        self, reactor: IReactorSocket, factory: Any, multiAccept: bool = False
+    ) -> IListeningPort:
         """
-        Start accepting connections for C{factory}.  The reactor dups the descriptor,
+        Start accepting connections for C{factory} (all that wait at once with
+        C{multiAccept}, else one per event).  The reactor dups the descriptor,
         so our copy is closed.
         """
         self.port = adoptStreamPort(
-            reactor, self.socket.fileno(), _family(self.listen), factory
+            reactor, self.socket.fileno(), _family(self.listen), factory, multiAccept
         )
         self.socket.close()
         log.info(

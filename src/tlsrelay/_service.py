@@ -51,7 +51,7 @@ from tlsrelay._pool import UpstreamPool
 from tlsrelay._relay import RelayFactory, WorkerConnections
 from tlsrelay._sessions import SessionSharing
 from tlsrelay._tls import ServerContextFactory, buildServerContext, sessionIdContext
-from tlsrelay._tlsfactory import TLSServerFactory
+from tlsrelay._tlsfactory import RelayPort, TLSServerFactory
 from tlsrelay._upstreamtls import tlsForServer
 from tlsrelay._variables import compileTemplate
 
@@ -397,16 +397,19 @@ class RelayService(MultiService):
         wanted = {
             listenKey(listen): factory for listen, factory in generation.factories
         }
+        multiAccept = generation.config.multiAccept
         for key, factory in wanted.items():
             port = self.ports.get(key)
             if port is None:
                 self.ports[key] = self.listeners[key].startListening(
-                    self.reactor, factory
+                    self.reactor, factory, multiAccept
                 )
             else:
                 old = port.factory  # type: ignore[attr-defined]
                 factory.doStart()
                 port.factory = factory  # type: ignore[attr-defined]
+                if isinstance(port, RelayPort):
+                    port.multiAccept = multiAccept
                 old.doStop()
         for key in list(self.ports):
             if key not in wanted:

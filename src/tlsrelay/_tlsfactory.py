@@ -460,6 +460,14 @@ class RelayPort(tcp.Port):
     the listening socket, and inherited).
     """
 
+    multiAccept = False
+    """
+    C{multi_accept}: accept every waiting connection when the socket is
+    readable (up to Twisted's adaptive C{numberAccepts} per call), or only one
+    (nginx's default, which saves the C{accept(2)} that finds nothing more
+    waiting, and its exception, on most events).
+    """
+
     def doRead(self) -> None:
         """
         Accept what is waiting, as C{tcp.Port.doRead} does, with the socket
@@ -483,7 +491,8 @@ class RelayPort(tcp.Port):
                 else None
             )
             reactor = self.reactor
-            limit = self.numberAccepts
+            multi = self.multiAccept
+            limit = self.numberAccepts if multi else 1
             accepted = 0
             while accepted < limit:
                 try:
@@ -530,21 +539,29 @@ class RelayPort(tcp.Port):
                     # the TCP handshake at once): read it now, as nginx does,
                     # not on the reactor's next turn.
                     _readNow(transport)
-            # Twisted's scaling of the accepts per call.
-            if accepted == limit:
-                self.numberAccepts = limit + 20
-            else:
-                self.numberAccepts = max(1, accepted)
+            if multi:
+                # Twisted's scaling of the accepts per call.
+                if accepted == limit:
+                    self.numberAccepts = limit + 20
+                else:
+                    self.numberAccepts = max(1, accepted)
         except BaseException:
             log.failure("accepting connections on {port!r}", port=self)
 
 
 def adoptStreamPort(
-    reactor: Any, fileDescriptor: int, addressFamily: int, factory: IProtocolFactory
+    reactor: Any,
+    fileDescriptor: int,
+    addressFamily: int,
+    factory: IProtocolFactory,
+    multiAccept: bool = False,
 ) -> Any:
     """
     C{reactor.adoptStreamPort}, with a L{RelayPort} for TCP on a POSIX
-    reactor (anything else goes to the reactor's own).
+    reactor (anything else goes to the reactor's own, which accepts as
+    Twisted does).
+
+    @param multiAccept: L{RelayPort.multiAccept}.
     """
     if isinstance(reactor, PosixReactorBase) and addressFamily in (
         socket.AF_INET,
@@ -553,6 +570,7 @@ def adoptStreamPort(
         port = RelayPort._fromListeningDescriptor(  # type: ignore[no-untyped-call]
             reactor, fileDescriptor, addressFamily, factory
         )
+        port.multiAccept = multiAccept
         port.startListening()
         try:
             # Accepted sockets inherit it on Linux: no setsockopt(2) per

@@ -549,6 +549,7 @@ def _specs() -> list[Spec]:
         Spec("stream", S({MAIN}), (0, 0), block=True),
         Spec("load_module", S({MAIN}), (1, 1), _loadModule, repeatable=True),
         Spec("worker_connections", S({EVENTS}), (1, 1), _int("workerConnections", 1)),
+        Spec("multi_accept", S({EVENTS}), (1, 1), _flag("multiAccept")),
         # stream
         Spec("upstream", S({STREAM}), (1, 1), block=True, repeatable=True),
         Spec("server", S({STREAM}), (0, 0), block=True, repeatable=True),
@@ -713,7 +714,7 @@ def _specs() -> list[Spec]:
         ]
         + [
             (name, S({EVENTS}))
-            for name in ("use", "multi_accept", "accept_mutex", "accept_mutex_delay")
+            for name in ("use", "accept_mutex", "accept_mutex_delay")
         ]
         + [
             (name, S({UPSTREAM}))

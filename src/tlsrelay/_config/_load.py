@@ -162,6 +162,7 @@ def buildConfig(tree: Iterable[Directive], path: str) -> Config:
         daemon=main.get("daemon", True),
         workerProcesses=main.get("workerProcesses", 1),
         workerConnections=main.get("workerConnections", 512),
+        multiAccept=main.get("multiAccept", False),
         shutdownTimeout=main.get("shutdownTimeout", 30.0),
         upstreams=tuple(upstreams),
         servers=tuple(servers),

@@ -322,6 +322,9 @@ class Config:
     @ivar path: the main configuration file, absolute.
     @ivar logFormats: C{log_format} name to template, including the predefined
         C{"basic"} format (nginx's stream default is the C{combined}-like C{basic}).
+    @ivar multiAccept: C{multi_accept}: a readable listening socket has every
+        waiting connection accepted at once (C{on}), or one (C{off}, nginx's
+        default: the next is accepted on the next turn of the event loop).
     """
 
     path: str
@@ -330,6 +333,7 @@ class Config:
     daemon: bool = True
     workerProcesses: int = 1
     workerConnections: int = 512
+    multiAccept: bool = False
     shutdownTimeout: float = 30.0
     upstreams: tuple[UpstreamGroup, ...] = ()
     servers: tuple[StreamServer, ...] = ()
