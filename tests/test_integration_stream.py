@@ -300,6 +300,7 @@ class CheckTests(RelayTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("test is successful", result.stdout)
         self.assertIn("proxy_pass 127.0.0.1:8", result.stdout)
+        self.assertIn("worker_connections 512; multi_accept off;", result.stdout)
 
     def test_checkBadKey(self) -> None:
         other = writeCertificates(os.path.join(self.dir, "other"))

@@ -75,7 +75,9 @@ def describe(config: Config) -> str:
     lines = [
         f"# effective settings of {config.path}",
         f"worker_processes {config.workerProcesses}; worker_connections "
-        f"{config.workerConnections}; daemon {'on' if config.daemon else 'off'}",
+        f"{config.workerConnections}; multi_accept "
+        f"{'on' if config.multiAccept else 'off'}; daemon "
+        f"{'on' if config.daemon else 'off'}",
     ]
     for group in config.upstreams:
         servers = ", ".join(
