@@ -1066,6 +1066,7 @@ class DialTests(RealListener):
         self.assertEqual(
             transport.getPeer(), IPv4Address("TCP", "127.0.0.1", self.port)
         )
+        self.assertEqual(transport.logPrefix(), f"{type(protocol).__name__},client")
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         accepted, _ = self.listener.accept()
         self.addCleanup(accepted.close)

@@ -681,7 +681,12 @@ class LeanSocketTests(SynchronousTestCase):
         )
         transport: Any = self.app.built[0].transport
         self.assertIs(transport.getPeer(), transport.getPeer())
+        # The log prefix is made when first asked for, not with the connection.
+        self.assertNotIn("_logstr", vars(transport))
         self.assertIn("Chunks", transport.logPrefix())
+        self.assertIn("_logstr", vars(transport))
+        port = self.port.getHost().port  # type: ignore[attr-defined]
+        self.assertEqual(repr(transport), f"<Chunks #{transport.sessionno} on {port}>")
         self.assertNotEqual(
             self.app.built[0].transport.logPrefix(),  # type: ignore[union-attr]
             self.app.built[1].transport.logPrefix(),  # type: ignore[union-attr]

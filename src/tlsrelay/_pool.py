@@ -1145,6 +1145,9 @@ class _UpstreamClient(LeanSocketMixin, tcp.Client):
         else:
             self.failIfNotConnected(error.getConnectError((result, strerror(result))))  # type: ignore[no-untyped-call]
 
+    def _logSuffix(self) -> str:
+        return ",client"
+
     def getPeer(self) -> IPv4Address | IPv6Address:
         # One address object per upstream address (Twisted builds one per
         # call); they are immutable.
@@ -1172,7 +1175,6 @@ class _UpstreamClient(LeanSocketMixin, tcp.Client):
         # asked directly.
         protocol = self.protocol = self.connector.factory.buildProtocol(self.getPeer())
         self.connected = 1
-        self.logstr = f"{self._getLogPrefix(protocol)},client"
         if protocol is None:
             # As Twisted: a stand-in protocol, and the connection dropped.
             self.protocol = Protocol()

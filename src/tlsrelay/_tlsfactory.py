@@ -300,6 +300,32 @@ class LeanSocketMixin:
         if not this.disconnected:
             this.connectionLost(reason)
 
+    _logstr: str | None = None
+
+    @property
+    def logstr(self) -> str:
+        """
+        Twisted's log prefix for this connection (C{logPrefix}), made when
+        first asked for (for a log line of its own, which most connections
+        never have) rather than when the connection is made.
+        """
+        text = self._logstr
+        if text is None:
+            protocol = getattr(self, "protocol", None)
+            prefix = "-" if protocol is None else self._getLogPrefix(protocol)
+            text = self._logstr = prefix + self._logSuffix()
+        return text
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        self._logstr = value
+
+    def _logSuffix(self) -> str:
+        """
+        What follows the protocol's name in L{logstr}.
+        """
+        raise NotImplementedError()
+
     def _getLogPrefix(self, applicationObject: object) -> str:
         # Twisted's, worked out once per kind of protocol (and of the
         # protocol it wraps, if any) rather than once per connection.
@@ -430,14 +456,31 @@ class RelayServer(LeanSocketMixin, tcp.Server):
         self.client = client
         self.sessionno = sessionno
         self.hostname = client[0]
-        self.logstr = f"{self._getLogPrefix(protocol)},{sessionno},{client[0]}"
-        self.repstr = (
-            f"<{type(protocol).__name__} #{sessionno} on {server._realPortNumber}>"
-        )
         self.startReading()  # type: ignore[no-untyped-call]
         self.connected = 1
 
     connectionLost = LeanSocketMixin._connectionLost
+
+    def _logSuffix(self) -> str:
+        return f",{self.sessionno},{self.hostname}"
+
+    _repstr: str | None = None
+
+    @property
+    def repstr(self) -> str:
+        """
+        What C{repr} shows (Twisted's C{tcp.Server} format), made when asked
+        for.
+        """
+        if self._repstr is not None:
+            return self._repstr
+        protocol = getattr(self, "protocol", None)
+        name = "-" if protocol is None else type(protocol).__name__
+        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        self._repstr = value
 
     def getPeer(self) -> IPv4Address | IPv6Address:
         peer = self._peer
