@@ -312,8 +312,10 @@ class LeanSocketMixin:
         text = self._logstr
         if text is None:
             protocol = getattr(self, "protocol", None)
-            prefix = "-" if protocol is None else self._getLogPrefix(protocol)
-            text = self._logstr = prefix + self._logSuffix()
+            if protocol is None:
+                # Not connected yet (a dial), or closed before it was asked.
+                return "-" + self._logSuffix()
+            text = self._logstr = self._getLogPrefix(protocol) + self._logSuffix()
         return text
 
     @logstr.setter
