@@ -813,17 +813,28 @@ class _TLSEngine:
             if received:
                 self._deliver(received)
             if closed:
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            elif problem is not None:
+                # Answered with close_notify (sent), and the socket closed
+                # now that both sides are done: the end of the TLS connection
+                # (what _tlsShutdownFinished does, without its second flush
+                # and close).
+                done = self._shutdownTLS()
+                self._lostTLSConnection = True
+                if not done:
+                    self._closeWire()
+                return
+            if problem is not None:
+                # Sent (an alert, say) and closed there.
                 self._tlsShutdownFinished(problem)
+                return
             break
         self._flushSendBIO()
 
-    def _shutdownTLS(self) -> None:
+    def _shutdownTLS(self) -> bool:
         """
         Send close_notify (or answer the peer's); once both sides have, close
         the socket transport.
+
+        @return: whether both sides have (and the socket transport is closing).
         """
         connection = self._tlsConnection
         if type(connection) is not Connection:
@@ -848,6 +859,7 @@ class _TLSEngine:
         if done:
             # Both sides have shut down (or the handshake never started).
             self._closeWire()
+        return bool(done)
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         """
